@@ -1,0 +1,133 @@
+"""Throughput benchmark: nano-vllm's workload (DESIGN.md), or transformers on the same requests.
+
+    python bench.py --random-weights qwen3-0.6b                      # the full workload, random bf16 weights
+    python bench.py --model ~/huggingface/Qwen3-0.6B
+    python bench.py --random-weights qwen3-0.6b --num-seqs 64 --output-len 256 --backend hf
+
+On CUDA it also measures the device-to-device copy bandwidth and prints the workload's
+memory-bandwidth floor and the fraction of it reached.
+"""
+import argparse
+import tempfile
+import time
+from random import randint, seed
+
+import torch
+
+from nanovllm.testing.checkpoints import SHAPES, make_random_checkpoint
+from nanovllm.testing.tokenizer import train_tokenizer
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a local checkpoint directory")
+    src.add_argument("--random-weights", choices=SHAPES, help="build a random checkpoint of this shape")
+    p.add_argument("--backend", choices=["nano", "hf"], default="nano")
+    p.add_argument("--num-seqs", type=int, default=256)
+    p.add_argument("--max-input-len", type=int, default=1024)
+    p.add_argument("--max-output-len", type=int, default=1024)
+    p.add_argument("--input-len", type=int, help="fixed prompt length instead of randint(100, max-input-len)")
+    p.add_argument("--output-len", type=int, help="fixed output length instead of randint(100, max-output-len)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    return p.parse_args(argv)
+
+
+def workload(args, vocab_size: int) -> tuple[list[list[int]], list[int]]:
+    """nano-vllm's bench requests: seed 0, prompt ids randint(0, 10000), lengths randint(100, max)."""
+    seed(0)
+    max_id = min(10000, vocab_size - 1)
+    prompts, output_lens = [], []
+    for _ in range(args.num_seqs):
+        prompt_len = args.input_len or randint(100, args.max_input_len)
+        prompts.append([randint(0, max_id) for _ in range(prompt_len)])
+    for _ in range(args.num_seqs):
+        output_lens.append(args.output_len or randint(100, args.max_output_len))
+    return prompts, output_lens
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.randn(256 * 2**20, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * src.numel() * src.element_size() * 20 / (start.elapsed_time(end) / 1e3)
+
+
+def floor_seconds(prompt_lens, output_lens, weight_bytes, kv_bytes_per_token, bandwidth) -> float:
+    """Decode is memory-bound: each step reads every weight once plus each active sequence's KV cache."""
+    total, steps = 0, max(output_lens)
+    for t in range(steps):
+        context = sum(p + t for p, o in zip(prompt_lens, output_lens) if o > t)
+        total += weight_bytes + context * kv_bytes_per_token
+    return total / bandwidth
+
+
+def run_nano(path, args, prompts, output_lens):
+    from nanovllm import LLM, SamplingParams
+    llm = LLM(path, enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+              max_model_len=args.max_model_len)
+    params = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n) for n in output_lens]
+    llm.generate(["Benchmark: "], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    runner = llm.model_runner
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    kv_bytes_per_token = runner.kv_cache[:, :, 0, 0].numel() * runner.kv_cache.element_size()
+    return sum(len(o["token_ids"]) for o in outputs), seconds, weight_bytes, kv_bytes_per_token
+
+
+def run_hf(path, args, prompts, output_lens):
+    """transformers' continuous batching (generate_batch over a paged sdpa cache)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    if len(set(output_lens)) > 1:
+        raise SystemExit("--backend hf generates one length for all requests: pass --output-len")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda",
+                                                 attn_implementation="paged|sdpa")
+    config = GenerationConfig(max_new_tokens=output_lens[0], do_sample=True, temperature=args.temperature,
+                              eos_token_id=-1, pad_token_id=0)
+    model.generate_batch(inputs=prompts[:2], generation_config=config, progress_bar=False)  # warm-up
+    start = time.perf_counter()
+    outputs = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+    seconds = time.perf_counter() - start
+    return sum(len(o.generated_tokens) for o in outputs.values()), seconds, None, None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model
+        if args.random_weights:
+            dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+            path = make_random_checkpoint(tmp, args.random_weights, dtype=dtype,
+                                          device="cuda" if torch.cuda.is_available() else "cpu", std=0.02)
+            train_tokenizer(path)
+        from transformers import AutoConfig
+        prompts, output_lens = workload(args, AutoConfig.from_pretrained(path).vocab_size)
+        run = run_nano if args.backend == "nano" else run_hf
+        tokens, seconds, weight_bytes, kv_bytes_per_token = run(path, args, prompts, output_lens)
+    rows = [("backend", args.backend), ("requests", len(prompts)), ("output tokens", tokens),
+            ("seconds", f"{seconds:.2f}"), ("output tok/s", f"{tokens / seconds:.0f}"),
+            ("prompt+output tok/s", f"{(tokens + sum(map(len, prompts))) / seconds:.0f}")]
+    if torch.cuda.is_available() and weight_bytes is not None:
+        bandwidth = copy_bandwidth()
+        floor = floor_seconds(list(map(len, prompts)), output_lens, weight_bytes, kv_bytes_per_token, bandwidth)
+        rows += [("device", torch.cuda.get_device_name()), ("copy bandwidth TB/s", f"{bandwidth / 1e12:.2f}"),
+                 ("floor seconds", f"{floor:.2f}"), ("fraction of floor", f"{floor / seconds:.1%}")]
+    for name, value in rows:
+        print(f"{name:>22}: {value}")
+
+
+if __name__ == "__main__":
+    main()

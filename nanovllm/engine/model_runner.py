@@ -1,0 +1,133 @@
+"""Per rank: builds and loads the model, owns the KV cache and CUDA graphs, runs one step."""
+import logging
+from contextlib import contextmanager
+
+import torch
+
+from nanovllm.attention import create_backend
+from nanovllm.config import Config
+from nanovllm.engine import kv_cache
+from nanovllm.engine.cuda_graph import DecodeGraphs
+from nanovllm.engine.input_batch import InputBuilder
+from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.attention import Attention
+from nanovllm.layers.sampler import Sampler, SamplingBatch
+from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.utils.context import set_context
+from nanovllm.utils.distributed import ParallelGroup, building_with
+from nanovllm.utils.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class ModelRunner:
+    def __init__(self, config: Config, group: ParallelGroup = ParallelGroup()):
+        self.config = config
+        self.group = group
+        hf = config.hf_config
+        self.device = torch.device(config.device, group.rank if config.device == "cuda" else None)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        # Layers are built directly on the device in the model's dtype, so they never pass device=.
+        with torch.device(self.device), default_dtype(config.torch_dtype), building_with(group):
+            self.model = Qwen3ForCausalLM(hf)
+            self.sampler = Sampler()
+        load_model(self.model, config.model)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        backend = create_backend(config.attention_backend)
+        for layer in self.attention_layers:
+            layer.backend = backend
+        self.inputs = InputBuilder(config.kvcache_block_size, self.device)
+        self.num_kvcache_blocks = self._allocate_kv_cache()
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            with torch.device(self.device), default_dtype(config.torch_dtype):
+                self.graphs = DecodeGraphs(self.model, config.max_num_seqs, self.max_blocks_per_seq,
+                                           hf.hidden_size, config.max_model_len)
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.config.max_model_len // self.config.kvcache_block_size)
+
+    def _bind_kv_cache(self, cache: torch.Tensor) -> None:
+        for i, layer in enumerate(self.attention_layers):
+            layer.k_cache, layer.v_cache = cache[0, i], cache[1, i]
+
+    def _new_kv_cache(self, num_blocks: int) -> torch.Tensor:
+        layer = self.attention_layers[0]
+        return kv_cache.allocate(num_blocks, len(self.attention_layers), self.config.kvcache_block_size,
+                                 layer.num_kv_heads, layer.head_dim, self.config.torch_dtype, self.device)
+
+    def _allocate_kv_cache(self) -> int:
+        config, layer = self.config, self.attention_layers[0]
+        per_block = kv_cache.block_bytes(config, len(self.attention_layers), layer.num_kv_heads, layer.head_dim)
+        num_blocks = config.num_kvcache_blocks
+        if num_blocks == -1:
+            if self.device.type == "cuda":
+                self._warm_up()
+                num_blocks = kv_cache.blocks_that_fit_cuda(config, per_block)
+            else:
+                weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+                num_blocks = kv_cache.blocks_that_fit_host(config, per_block, weights)
+            num_blocks = min(num_blocks, kv_cache.blocks_for_all_sequences(config))
+        if self.group.world_size > 1:  # every rank must hold the same number: the smallest
+            count = torch.tensor([num_blocks], device=self.device)
+            torch.distributed.all_reduce(count, torch.distributed.ReduceOp.MIN, group=self.group.group)
+            num_blocks = int(count.item())
+        self.kv_cache = self._new_kv_cache(num_blocks)
+        self._bind_kv_cache(self.kv_cache)
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.kvcache_block_size,
+                    num_blocks * per_block / 2**30)
+        return num_blocks
+
+    def _warm_up(self) -> None:
+        """Run the largest prefill once, on a temporary cache, so the activation peak is measured."""
+        config = self.config
+        num_tokens = min(config.max_num_batched_tokens, config.max_num_seqs * config.max_model_len)
+        lengths = [config.max_model_len] * (num_tokens // config.max_model_len)
+        lengths += [num_tokens % config.max_model_len] if num_tokens % config.max_model_len else []
+        seqs, next_block = [], 0
+        for length in lengths:
+            seq = Sequence([0] * length, None, config.kvcache_block_size)
+            seq.block_table = list(range(next_block, next_block + seq.num_blocks))
+            seq.num_scheduled_tokens = length
+            next_block += seq.num_blocks
+            seqs.append(seq)
+        self._bind_kv_cache(self._new_kv_cache(next_block))
+        torch.cuda.reset_peak_memory_stats()
+        self._forward_logits(seqs, is_prefill=True)
+        self._bind_kv_cache(torch.empty(2, len(self.attention_layers), 0))
+        torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def _forward_logits(self, seqs: list[Sequence], is_prefill: bool):
+        inputs = self.inputs.prefill(seqs) if is_prefill else self.inputs.decode(seqs)
+        set_context(inputs.meta)
+        try:
+            if not is_prefill and self.graphs is not None and self.graphs.fits(len(seqs)):
+                hidden = self.graphs.replay(inputs)
+            else:
+                hidden = self.model(inputs.input_ids, inputs.positions)
+            return self.model.compute_logits(hidden[inputs.logits_indices]), inputs.sampled
+        finally:
+            set_context(None)
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int | None]:
+        """One model step; returns each sequence's next token, or None for an unfinished prefill chunk."""
+        logits, sampled = self._forward_logits(seqs, is_prefill)
+        params = [seq.sampling_params for seq, ok in zip(seqs, sampled) if ok]
+        if not params:
+            return [None] * len(seqs)
+        token_ids = iter(self.sampler(logits, SamplingBatch.build(params, self.device)).tolist())
+        return [next(token_ids) if ok else None for ok in sampled]

@@ -1,0 +1,120 @@
+"""Chooses each step's batch: prefill first (chunked to the token budget), else decode, preempting
+the newest running sequences by recompute when the KV cache runs out."""
+import logging
+from collections import deque
+
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager,
+                 eos_token_ids: tuple[int, ...], max_model_len: int):
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.block_manager = block_manager
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        # The head of `waiting` may be partly prefilled (chunked prefill): it holds blocks already.
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """Returns (sequences, is_prefill); each sequence's num_scheduled_tokens is set."""
+        scheduled = self._schedule_prefill()
+        if scheduled:
+            return scheduled, True
+        return self._schedule_decode(), False
+
+    def _schedule_prefill(self) -> list[Sequence]:
+        scheduled, budget = [], self.max_num_batched_tokens
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                if len(self.running) + len(scheduled) >= self.max_num_seqs:
+                    break
+                if not self.block_manager.can_allocate(seq):
+                    break
+                self.block_manager.allocate(seq)
+            remaining = len(seq) - seq.num_computed_tokens
+            seq.num_scheduled_tokens = min(remaining, budget)
+            budget -= seq.num_scheduled_tokens
+            scheduled.append(seq)
+            if seq.num_scheduled_tokens < remaining:
+                break  # the rest of this prompt goes in the next step's chunk
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        return scheduled
+
+    def _schedule_decode(self) -> list[Sequence]:
+        scheduled = []
+        while self.running and len(scheduled) < self.max_num_seqs:
+            seq = self.running.popleft()
+            while not self.block_manager.can_append(seq):
+                if self.running:
+                    self._preempt(self.running.pop())
+                else:
+                    self._preempt(seq)
+                    break
+            else:
+                self.block_manager.may_append(seq)
+                seq.num_scheduled_tokens = 1
+                scheduled.append(seq)
+        self.running.extendleft(reversed(scheduled))
+        return scheduled
+
+    def _preempt(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.block_manager.deallocate(seq)
+        self.waiting.appendleft(seq)
+        logger.debug("preempted sequence %d (%d tokens)", seq.seq_id, len(seq))
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        """Drop unfinished seqs from the queues and free their blocks."""
+        dropped = {seq.seq_id for seq in seqs if not seq.is_finished}
+        for seq in seqs:
+            if seq.seq_id in dropped:
+                self.block_manager.deallocate(seq)
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = "abort"
+        self.waiting = deque(s for s in self.waiting if s.seq_id not in dropped)
+        self.running = deque(s for s in self.running if s.seq_id not in dropped)
+
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int | None]) -> list[Sequence]:
+        """Commit the step's K/V, append sampled tokens (None: prefill chunk not finished), and
+        return the sequences that finished."""
+        finished = []
+        for seq, token_id in zip(seqs, token_ids):
+            self.block_manager.commit_computed(seq, seq.num_scheduled_tokens)
+            if token_id is None:
+                continue
+            seq.append_token(token_id)
+            reason = self._finish_reason(seq, token_id)
+            if reason:
+                seq.finish_reason = reason
+                seq.status = SequenceStatus.FINISHED
+                self.block_manager.deallocate(seq)
+                finished.append(seq)
+        if finished:  # one linear pass, not a deque.remove per finished sequence
+            self.running = deque(seq for seq in self.running if not seq.is_finished)
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+        params = seq.sampling_params
+        if not params.ignore_eos and token_id in self.eos_token_ids:
+            return "stop"
+        if seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return None

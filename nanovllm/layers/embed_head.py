@@ -1,0 +1,40 @@
+"""Vocabulary-parallel embedding and LM head: each rank holds a contiguous slice of the vocabulary."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanovllm.layers.linear import divide
+from nanovllm.utils.distributed import current_group
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.tp = current_group()
+        self.vocab_size = vocab_size
+        # Pad the vocabulary so it splits evenly; padded rows are never looked up.
+        self.padded_vocab_size = -(-vocab_size // self.tp.world_size) * self.tp.world_size
+        self.shard_size = divide(self.padded_vocab_size, self.tp.world_size)
+        self.vocab_start = self.tp.rank * self.shard_size
+        self.weight = nn.Parameter(torch.empty(self.shard_size, hidden_size))
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
+        rows = loaded[self.vocab_start:self.vocab_start + self.shard_size]
+        param.data[:rows.shape[0]].copy_(rows)
+        param.data[rows.shape[0]:].zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.world_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        mine = (local >= 0) & (local < self.shard_size)
+        y = F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * mine.unsqueeze(-1)
+        return self.tp.all_reduce(y)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [B, hidden] -> logits [B, vocab_size], complete on every rank."""
+        logits = self.tp.all_gather(F.linear(hidden, self.weight), dim=-1)
+        return logits[:, :self.vocab_size]

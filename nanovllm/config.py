@@ -98,7 +98,7 @@ class Config:
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
         self.device = resolve_device(self.device)
         self.dtype = self._resolve_dtype()
-        self.attention_backend = resolve_backend_name(self.attention_backend, self.device)
+        self.attention_backend = resolve_backend_name(self.attention_backend, self.device, self.kvcache_block_size)
         logger.info("nano-vllm: device=%s dtype=%s attention=%s", self.device, self.dtype, self.attention_backend)
 
     def _check_parallelism(self):

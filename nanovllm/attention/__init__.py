@@ -22,11 +22,16 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def resolve_backend_name(requested: str, device_type: str) -> str:
+# flash-attn's paged KV cache needs blocks of a multiple of this many tokens.
+FLASH_ATTN_BLOCK_MULTIPLE = 256
+
+
+def resolve_backend_name(requested: str, device_type: str, block_size: int) -> str:
     """Turn "auto" into a concrete backend for the device; reject what the device cannot run."""
+    flash_fits = block_size % FLASH_ATTN_BLOCK_MULTIPLE == 0
     if requested == "auto":
         if device_type == "cuda":
-            if _importable("flash_attn"):
+            if flash_fits and _importable("flash_attn"):
                 return "flash-attn"
             if _importable("triton"):
                 return "triton"
@@ -37,6 +42,9 @@ def resolve_backend_name(requested: str, device_type: str) -> str:
     needed = {"triton": "triton", "flash-attn": "flash_attn"}.get(requested)
     if needed and not _importable(needed):
         raise ValueError(f"attention_backend={requested!r} but the {needed!r} package is not installed")
+    if requested == "flash-attn" and not flash_fits:
+        raise ValueError(f"attention_backend='flash-attn' needs kvcache_block_size to be a multiple of "
+                         f"{FLASH_ATTN_BLOCK_MULTIPLE}, got {block_size}")
     return requested
 
 

@@ -11,6 +11,7 @@ from nanovllm.engine.cuda_graph import DecodeGraphs
 from nanovllm.engine.input_batch import InputBuilder
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention
+from nanovllm.layers.fusable import EAGER_OPS, building_with_ops, compiled_ops
 from nanovllm.layers.sampler import Sampler, SamplingBatch
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.context import set_context
@@ -39,7 +40,9 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         # Layers are built directly on the device in the model's dtype, so they never pass device=.
-        with torch.device(self.device), default_dtype(config.torch_dtype), building_with(group):
+        ops = compiled_ops() if self.device.type == "cuda" and not config.enforce_eager else EAGER_OPS
+        with torch.device(self.device), default_dtype(config.torch_dtype), building_with(group), \
+                building_with_ops(ops):
             self.model = Qwen3ForCausalLM(hf)
             self.sampler = Sampler()
         load_model(self.model, config.model)

@@ -1,0 +1,120 @@
+"""Time the Triton attention kernels at Qwen3-0.6B attention shapes (H=16, Hkv=8, D=128, bf16).
+
+Decode is bound by reading the KV cache, so it is reported as KV bytes read per second against a
+device-to-device copy measured in the same run. It is timed as CUDA-graph replays, as the engine runs
+it: otherwise the host cost of launching two Triton kernels (~100 us) hides a small batch's kernel time.
+One graph runs the kernel over enough distinct caches (1 GiB in all) that none is still in L2 when read,
+which also spreads the cost of do_bench's L2 flush (its dirty lines are written back during the next
+kernel, ~12 us) over many calls. Prefill is reported in tokens/s and TFLOP/s against a
+large bf16 matrix product. Block tables are random permutations, as a long-running cache ends up.
+
+    PYTHONPATH=. python3 scripts/probe_attention.py
+"""
+import torch
+import triton
+from triton.testing import do_bench
+
+from nanovllm.attention.triton_kernels import choose_num_splits, paged_decode_attention, paged_prefill_attention
+from nanovllm.attention.triton_kernels.decode import decode_tile_tokens
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 16, 8, 128, torch.bfloat16
+DECODE_CASES = [(256, 850), (8, 4000), (1, 4000)]  # (sequences, context tokens)
+BLOCK_SIZES = [256, 16]
+PREFILL_SEQS, PREFILL_LEN = 64, 1024
+
+
+def median_ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def graph_of(fn) -> torch.cuda.CUDAGraph:
+    fn()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def copy_bandwidth() -> float:
+    src = torch.randn(1 << 28, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / (median_ms(lambda: dst.copy_(src)) * 1e-3)  # bytes read + written
+
+
+def matmul_flops() -> float:
+    a, b = torch.randn(8192, 8192, dtype=DTYPE, device="cuda"), torch.randn(8192, 8192, dtype=DTYPE, device="cuda")
+    return 2 * 8192 ** 3 / (median_ms(lambda: a @ b) * 1e-3)
+
+
+def paged_cache(num_seqs: int, context_len: int, block_size: int):
+    """Random caches [num_blocks, block_size, Hkv, D] and a random permuted block table [B, M]."""
+    blocks_per_seq = triton.cdiv(context_len, block_size)
+    num_blocks = num_seqs * blocks_per_seq
+    k_cache = torch.randn(num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    v_cache = torch.randn_like(k_cache)
+    block_tables = torch.randperm(num_blocks, device="cuda").view(num_seqs, blocks_per_seq).int()
+    context_lens = torch.full((num_seqs,), context_len, dtype=torch.int32, device="cuda")
+    return k_cache, v_cache, block_tables, context_lens
+
+
+def decode_bandwidth(num_seqs: int, context_len: int, block_size: int, num_splits: int | None) -> tuple[float, float]:
+    """-> (KV bytes read per second, median ms per call)."""
+    kv_bytes = 2 * num_seqs * context_len * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+    caches = [paged_cache(num_seqs, context_len, block_size) for _ in range(triton.cdiv(1 << 30, kv_bytes))]
+    q = torch.randn(num_seqs, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+
+    def decode_all():
+        for k_cache, v_cache, block_tables, context_lens in caches:
+            paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, HEAD_DIM ** -0.5, num_splits)
+
+    ms = median_ms(graph_of(decode_all).replay) / len(caches)
+    return kv_bytes / (ms * 1e-3), ms
+
+
+def prefill_throughput(block_size: int) -> tuple[float, float, float]:
+    """-> (tokens/s, FLOP/s, median ms) for PREFILL_SEQS fresh prompts of PREFILL_LEN tokens."""
+    k_cache, v_cache, block_tables, context_lens = paged_cache(PREFILL_SEQS, PREFILL_LEN, block_size)
+    num_tokens = PREFILL_SEQS * PREFILL_LEN
+    q = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    cu_seqlens_q = torch.arange(0, num_tokens + 1, PREFILL_LEN, dtype=torch.int32, device="cuda")
+    ms = median_ms(lambda: paged_prefill_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
+                                                   PREFILL_LEN, HEAD_DIM ** -0.5))
+    # Causal: query i sees i + 1 keys; 2 FLOPs per multiply-add, for Q K^T and for P V.
+    flops = 4 * NUM_HEADS * HEAD_DIM * PREFILL_SEQS * PREFILL_LEN * (PREFILL_LEN + 1) // 2
+    return num_tokens / (ms * 1e-3), flops / (ms * 1e-3), ms
+
+
+def main():
+    device = torch.cuda.get_device_properties(0)
+    copy_bw, mm_flops = copy_bandwidth(), matmul_flops()
+    print(f"{device.name}, {device.multi_processor_count} SMs: copy {copy_bw / 1e12:.2f} TB/s, "
+          f"bf16 matmul {mm_flops / 1e12:.0f} TFLOP/s")
+
+    tile = decode_tile_tokens(HEAD_DIM, DTYPE.itemsize)
+    print("\ndecode split sweep (fraction of copy bandwidth; * = chosen):")
+    for num_seqs, context_len in DECODE_CASES[1:]:
+        for block_size in BLOCK_SIZES:
+            chosen = choose_num_splits(num_seqs, NUM_KV_HEADS, triton.cdiv(context_len, block_size), block_size,
+                                       tile, device.multi_processor_count)
+            cells = []
+            for num_splits in sorted({1, 4, 8, 16, 32, 64, chosen}):
+                bandwidth, _ = decode_bandwidth(num_seqs, context_len, block_size, num_splits)
+                cells.append(f"{num_splits}{'*' if num_splits == chosen else ''}: {bandwidth / copy_bw:.0%}")
+            print(f"  {num_seqs:>3} x {context_len} tokens, block {block_size:>3}: " + "  ".join(cells))
+
+    rows = []
+    for num_seqs, context_len in DECODE_CASES:
+        for block_size in BLOCK_SIZES:
+            bandwidth, ms = decode_bandwidth(num_seqs, context_len, block_size, None)
+            rows.append(f"decode  {num_seqs:>3} x {context_len:<5} block {block_size:>3} {ms * 1e3:9.1f} us  "
+                        f"{bandwidth / 1e12:5.2f} TB/s  {bandwidth / copy_bw:6.1%} of copy")
+    for block_size in BLOCK_SIZES:
+        tokens_per_s, flops, ms = prefill_throughput(block_size)
+        rows.append(f"prefill {PREFILL_SEQS:>3} x {PREFILL_LEN:<5} block {block_size:>3} {ms * 1e3:9.1f} us  "
+                    f"{tokens_per_s / 1e6:5.2f} M tok/s  {flops / 1e12:5.0f} TFLOP/s "
+                    f"({flops / mm_flops:.0%} of matmul)")
+    print("\n" + "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

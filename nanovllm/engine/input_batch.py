@@ -1,5 +1,6 @@
 """Turns a scheduled batch into the model's input tensors and the step's attention metadata."""
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
@@ -20,16 +21,30 @@ class InputBuilder:
     def __init__(self, block_size: int, device: torch.device):
         self.block_size = block_size
         self.device = device
-        # Pinned host memory lets the host-to-device copies run asynchronously.
-        self.pin = device.type == "cuda"
+        self.on_cuda = device.type == "cuda"
+        # One pinned staging buffer, reused each step: a single asynchronous host-to-device copy per
+        # step instead of one pinned allocation and one copy per tensor.
+        self.staging = torch.empty(0, dtype=torch.int64, pin_memory=self.on_cuda)
+        self.copy_done = torch.cuda.Event() if self.on_cuda else None
 
-    def _to_device(self, values, dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, pin_memory=self.pin).to(self.device, non_blocking=True)
+    def _upload(self, *parts: list[int]) -> list[torch.Tensor]:
+        """Copy int lists to the device in one transfer; returns one int64 device tensor per part."""
+        total = sum(map(len, parts))
+        if self.on_cuda:
+            self.copy_done.synchronize()  # the previous step's copy must have left the staging buffer
+            if self.staging.numel() < total:
+                self.staging = torch.empty(2 * total, dtype=torch.int64, pin_memory=True)
+        host = torch.tensor(list(chain.from_iterable(parts)), dtype=torch.int64)
+        if self.on_cuda:
+            host = self.staging[:total].copy_(host)
+        flat = host.to(self.device, non_blocking=True)
+        if self.on_cuda:
+            self.copy_done.record()
+        return list(flat.split([len(p) for p in parts]))
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _block_table_rows(self, seqs: list[Sequence]) -> tuple[list[int], int]:
         width = max(len(seq.block_table) for seq in seqs)
-        return self._to_device([seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs],
-                               torch.int32)
+        return list(chain.from_iterable(seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs)), width
 
     def _slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
@@ -47,21 +62,22 @@ class InputBuilder:
             sampled.append(end == len(seq))
             if sampled[-1]:
                 logits_indices.append(cu_seqlens_q[-1] - 1)
+        block_tables, width = self._block_table_rows(seqs)
+        ids, pos, slot_mapping, lens, tables, cu_q, logits_rows = self._upload(
+            input_ids, positions, slots, context_lens, block_tables, cu_seqlens_q, logits_indices)
         meta = AttentionMetadata(
-            is_prefill=True, slot_mapping=self._to_device(slots, torch.int64),
-            context_lens=self._to_device(context_lens, torch.int32), block_tables=self._block_tables(seqs),
-            cu_seqlens_q=self._to_device(cu_seqlens_q, torch.int32),
+            is_prefill=True, slot_mapping=slot_mapping, context_lens=lens.int(),
+            block_tables=tables.int().view(len(seqs), width), cu_seqlens_q=cu_q.int(),
             max_seqlen_q=max(s.num_scheduled_tokens for s in seqs), max_context_len=max(context_lens))
-        return StepInputs(self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64),
-                          meta, self._to_device(logits_indices, torch.int64), sampled)
+        return StepInputs(ids, pos, meta, logits_rows, sampled)
 
     def decode(self, seqs: list[Sequence]) -> StepInputs:
         """One query per sequence: its newest token, at position len(seq) - 1."""
         context_lens = [len(seq) for seq in seqs]
-        meta = AttentionMetadata(
-            is_prefill=False, slot_mapping=self._to_device([self._slot(s, len(s) - 1) for s in seqs], torch.int64),
-            context_lens=self._to_device(context_lens, torch.int32), block_tables=self._block_tables(seqs),
-            max_context_len=max(context_lens))
-        return StepInputs(self._to_device([s.last_token for s in seqs], torch.int64),
-                          self._to_device([n - 1 for n in context_lens], torch.int64),
-                          meta, torch.arange(len(seqs), device=self.device), [True] * len(seqs))
+        block_tables, width = self._block_table_rows(seqs)
+        ids, pos, slot_mapping, lens, tables = self._upload(
+            [s.last_token for s in seqs], [n - 1 for n in context_lens],
+            [self._slot(s, len(s) - 1) for s in seqs], context_lens, block_tables)
+        meta = AttentionMetadata(is_prefill=False, slot_mapping=slot_mapping, context_lens=lens.int(),
+                                 block_tables=tables.int().view(len(seqs), width), max_context_len=max(context_lens))
+        return StepInputs(ids, pos, meta, torch.arange(len(seqs), device=self.device), [True] * len(seqs))

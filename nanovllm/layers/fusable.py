@@ -46,14 +46,20 @@ def rotate(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_ca
     return apply(q), apply(k)
 
 
+def qk_norm_rotate(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
+                   k_weight: torch.Tensor, eps: float, cos_sin_cache: torch.Tensor):
+    """Qwen3's per-head RMSNorm of q and k, then the rotary embedding: one fused kernel when compiled."""
+    return rotate(positions, _normalize(q, q_weight, eps), _normalize(k, k_weight, eps), cos_sin_cache)
+
+
 class FusableOps(NamedTuple):
     rms_norm: Callable
     add_rms_norm: Callable
     silu_and_mul: Callable
-    rotate: Callable
+    qk_norm_rotate: Callable
 
 
-EAGER_OPS = FusableOps(rms_norm, add_rms_norm, silu_and_mul, rotate)
+EAGER_OPS = FusableOps(rms_norm, add_rms_norm, silu_and_mul, qk_norm_rotate)
 
 
 @functools.cache

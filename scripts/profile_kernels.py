@@ -1,0 +1,53 @@
+"""GPU kernel time per decode step (torch profiler) at a few batch sizes, on random Qwen3-0.6B weights.
+
+    python scripts/profile_kernels.py [--batch-sizes 1 64 256] [--context 512]
+"""
+import argparse
+import tempfile
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.testing.checkpoints import make_random_checkpoint
+from nanovllm.testing.tokenizer import train_tokenizer
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--top", type=int, default=12)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        make_random_checkpoint(tmp, "qwen3-0.6b", dtype=torch.bfloat16, device="cuda", std=0.02)
+        train_tokenizer(tmp)
+        llm = LLM(tmp)
+    params = SamplingParams(temperature=0.6, max_tokens=10_000, ignore_eos=True)
+    for batch in args.batch_sizes:
+        prompts = [[(i * 31 + j) % 10000 for j in range(args.context)] for i in range(batch)]
+        seqs = llm.make_sequences(prompts, params)
+        for seq in seqs:
+            llm.scheduler.add(seq)
+        while llm.scheduler.waiting:
+            llm.step()
+        for _ in range(3):
+            llm.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(args.steps):
+                llm.step()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        total = sum(e.self_device_time_total for e in events) / args.steps
+        launches = sum(e.count for e in events) / args.steps
+        print(f"\n== batch {batch}, context {args.context}: GPU kernel time {total / 1e3:.3f} ms/step, "
+              f"{launches:.0f} kernels/step")
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.top]:
+            print(f"{e.self_device_time_total / args.steps / 1e3:8.3f} ms {e.count // args.steps:5d}x  {e.key[:90]}")
+        llm.scheduler.abort(seqs)
+
+
+if __name__ == "__main__":
+    main()

@@ -14,8 +14,11 @@ class Sequence:
     """One request: its tokens, where their K/V lives, and how far the model has computed it."""
     _ids = count()
 
-    def __init__(self, token_ids: list[int], sampling_params: SamplingParams, block_size: int):
+    def __init__(self, token_ids: list[int], sampling_params: SamplingParams, block_size: int,
+                 sample_index: int = 0):
         self.seq_id = next(Sequence._ids)
+        # Which of the request's n samples this is; seeded sampling mixes it into the noise.
+        self.sample_index = sample_index
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)
@@ -30,6 +33,10 @@ class Sequence:
         self.num_scheduled_tokens = 0
         self.num_preemptions = 0
         self.finish_reason: str | None = None
+        # What stopped it: a stop string or a stop token id (None for eos, length or abort), as vLLM.
+        self.stop_reason: str | int | None = None
+        # Per generated token, {token_id: logprob} when sampling_params.logprobs is set.
+        self.logprobs: list[dict[int, float]] = []
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -61,5 +68,7 @@ class Sequence:
     def block_tokens(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size:(i + 1) * self.block_size]
 
-    def append_token(self, token_id: int) -> None:
+    def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
         self.token_ids.append(token_id)
+        if logprobs is not None:
+            self.logprobs.append(logprobs)

@@ -1,11 +1,24 @@
 """The tensor-parallel group as layers see it. At world size 1 every collective is a no-op and no
 process group exists; layers capture the group current while the model is built, so two engines in
-one process never share state."""
+one process never share state.
+
+Each engine builds its own process group from its own TCPStore (on a port the OS picks) instead of
+torch.distributed's global default group, which exists once per process: that is what lets two
+tensor-parallel engines live in one process.
+"""
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+# A rank waits this long for the others to join the store, then for each collective. Generous:
+# ranks load weights and capture CUDA graphs at different speeds. A rank that dies is noticed at
+# once (gloo: the peer's socket closes; NCCL: the engine's watchdog aborts the group), not by this.
+STORE_TIMEOUT = timedelta(minutes=2)
+COLLECTIVE_TIMEOUT = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -26,6 +39,35 @@ class ParallelGroup:
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim)
+
+
+def open_store(rank: int, world_size: int, port: int = 0) -> dist.TCPStore:
+    """Rank 0 hosts the store on a free port (port=0: the OS picks, so no two engines collide;
+    read it back from store.port); the other ranks connect to that port."""
+    return dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0, timeout=STORE_TIMEOUT,
+                         wait_for_workers=False)
+
+
+def create_group(store: dist.Store, rank: int, world_size: int, device: torch.device) -> ParallelGroup:
+    """A process group of its own over store: gloo on CPU, NCCL (one GPU per rank) on CUDA.
+    Every rank must call this at the same time; it returns once all have joined."""
+    pg = dist.ProcessGroup(store, rank, world_size)
+    if device.type == "cuda":
+        # NVLink multicast (NVLS) reserves a lot of GPU memory and has hung NCCL set-ups; never use it.
+        os.environ["NCCL_NVLS_ENABLE"] = "0"
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = COLLECTIVE_TIMEOUT
+        backend = dist.ProcessGroupNCCL(store, rank, world_size, options)
+        backend_type = dist.ProcessGroup.BackendType.NCCL
+    else:
+        backend = dist.ProcessGroupGloo(store, rank, world_size, COLLECTIVE_TIMEOUT)
+        backend_type = dist.ProcessGroup.BackendType.GLOO
+    backend._set_sequence_number_for_group()
+    if device.type == "cuda":
+        backend.eager_connect_single_device(device)  # connect now, not inside the first CUDA graph capture
+    pg._set_default_backend(backend_type)
+    pg._register_backend(device, backend_type, backend)
+    return ParallelGroup(rank, world_size, pg)
 
 
 _building_group = ParallelGroup()

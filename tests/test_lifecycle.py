@@ -1,0 +1,117 @@
+"""An LLM's life: exit() and `with`, Ctrl-C in the middle of generate, one engine after another,
+and interpreters that exit without exit() while their tensor-parallel workers run (more of tensor
+parallelism's cases: test_tensor_parallel)."""
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import weakref
+
+import pytest
+
+from nanovllm import LLM, SamplingParams
+from tests.conftest import CPU_ENGINE
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+PROMPTS = [[5, 6, 7, 8], [9] * 30, [11, 12]]
+
+
+def greedy_tokens(llm) -> list[list[int]]:
+    return [o["token_ids"] for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model):
+    with LLM(tiny_model, **CPU_ENGINE) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def expected(llm):
+    return greedy_tokens(llm)
+
+
+def test_exit_frees_the_model_and_later_calls_say_why(tiny_model):
+    llm = LLM(tiny_model, **CPU_ENGINE)
+    model = weakref.ref(llm.model_runner.model)
+    llm.exit()
+    assert model() is None
+    with pytest.raises(RuntimeError, match="exit()"):
+        greedy_tokens(llm)
+    llm.exit()  # idempotent
+
+
+def test_with_block_exits(tiny_model, expected):
+    with LLM(tiny_model, **CPU_ENGINE) as llm:
+        model = weakref.ref(llm.model_runner.model)
+        assert greedy_tokens(llm) == expected
+    assert model() is None
+
+
+def test_ctrl_c_during_generate_leaves_engine_usable(llm, expected, monkeypatch):
+    threads_before = set(threading.enumerate())
+    real_run, calls = llm.model_runner.run, []
+
+    def interrupted_run(seqs, is_prefill):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_run(seqs, is_prefill)
+
+    monkeypatch.setattr(llm.model_runner, "run", interrupted_run)
+    with pytest.raises(KeyboardInterrupt):
+        greedy_tokens(llm)
+    monkeypatch.undo()
+    # The interrupted call's requests are dropped and their KV blocks freed; nothing else changed.
+    assert llm.scheduler.is_finished()
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    assert set(threading.enumerate()) <= threads_before
+    assert greedy_tokens(llm) == expected
+
+
+def test_dropped_llm_frees_its_memory_for_the_next(tiny_model, expected):
+    first = LLM(tiny_model, **CPU_ENGINE)
+    model = weakref.ref(first.model_runner.model)
+    del first
+    second = LLM(tiny_model, **CPU_ENGINE)  # collects the first (its modules hold reference cycles)
+    assert model() is None
+    assert greedy_tokens(second) == expected
+    del second
+    gc.collect()
+
+
+EXIT_WITHOUT_CLEANUP = textwrap.dedent("""
+    import sys
+    from nanovllm import LLM, SamplingParams
+    llm = LLM(sys.argv[1], device="cpu", tensor_parallel_size=2, num_kvcache_blocks=64, max_model_len=256)
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    print(len(out[0]["token_ids"]), *[p.pid for p in llm.workers.processes], flush=True)
+    sys.stdin.read()  # stay up until the test closes stdin, then exit without llm.exit()
+""")
+
+
+def test_interpreter_exit_without_exit_call_does_not_hang_or_leak(tiny_model):
+    # Two processes, each with a tensor-parallel engine, up at the same time: they must not collide.
+    processes = [subprocess.Popen([sys.executable, "-c", EXIT_WITHOUT_CLEANUP, tiny_model], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  cwd=os.path.dirname(os.path.dirname(__file__))) for _ in range(2)]
+    try:
+        first_lines = [process.stdout.readline() for process in processes]  # both engines are up
+        results = [process.communicate(input="", timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    for process, line, (_, stderr) in zip(processes, first_lines, results):
+        assert process.returncode == 0, stderr
+        num_tokens, *pids = map(int, line.split())
+        assert num_tokens == 4 and len(pids) == 1
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        assert "leaked" not in stderr  # multiprocessing's resource tracker found nothing to clean up
+    pids = {process.pid for process in processes}
+    assert not [name for name in os.listdir("/dev/shm") if name.startswith("nanovllm_")
+                and int(name.split("_")[1]) in pids]

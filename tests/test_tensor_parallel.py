@@ -1,0 +1,212 @@
+"""Tensor parallelism on CPU (gloo): the same greedy tokens as one rank and as transformers, across
+the cache paths; engines that coexist and follow each other; failures that raise instead of hang;
+nothing left behind. Also the call channel and step messages on their own (no processes)."""
+import json
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.engine import tp_channel
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.tp_channel import CallChannel, WorkerGone
+from nanovllm.engine.tp_step import SequenceMirror, StepEncoder
+from nanovllm.testing.checkpoints import make_random_checkpoint
+from nanovllm.testing.tokenizer import train_tokenizer
+from tests.conftest import CPU_ENGINE, generate_while_killing_worker, hf_greedy
+
+MAX_NEW = 12
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+TP2 = CPU_ENGINE | {"tensor_parallel_size": 2}
+
+
+def our_shm_segments() -> list[str]:
+    # Channel names start with the creating process's pid; other test runs may share this machine.
+    return [name for name in os.listdir("/dev/shm") if name.startswith(f"nanovllm_{os.getpid()}_")]
+
+
+def is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def worker_pids(llm) -> list[int]:
+    return [process.pid for process in llm.workers.processes]
+
+
+def assert_nothing_left(pids: list[int], threads_before: set[int]) -> None:
+    assert not any(is_running(pid) for pid in pids)
+    assert our_shm_segments() == []
+    assert {t.ident for t in threading.enumerate()} <= threads_before
+
+
+@pytest.fixture(scope="module")
+def prompts_and_reference(tiny_model):
+    rng = random.Random(5)
+    prefix = [rng.randrange(3, 512) for _ in range(40)]
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 60))] for _ in range(4)]
+    prompts += [prefix + [rng.randrange(3, 512) for _ in range(rng.randint(1, 20))] for _ in range(3)]
+    return prompts, hf_greedy(tiny_model, prompts, MAX_NEW)
+
+
+def greedy_tokens(llm, prompts) -> list[list[int]]:
+    return [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def tp_llm(tiny_model):
+    # A tiny channel buffer, so that prefill messages span several chunks.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tp_channel, "DEFAULT_CAPACITY", 256)
+        llm = LLM(tiny_model, **TP2)
+    yield llm
+    llm.exit()
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+def test_two_ranks_match_one_rank_and_transformers(tiny_model, tp_llm, prompts_and_reference):
+    prompts, reference = prompts_and_reference
+    with LLM(tiny_model, **CPU_ENGINE) as one_rank:
+        assert greedy_tokens(one_rank, prompts) == reference
+    assert greedy_tokens(tp_llm, prompts) == reference
+
+
+def test_prefix_cache_hits_give_same_tokens(tp_llm, prompts_and_reference):
+    prompts, reference = prompts_and_reference
+    greedy_tokens(tp_llm, prompts)
+    again = tp_llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o["token_ids"] for o in again] == reference
+    assert sum(o["num_cached_tokens"] for o in again) >= 3 * 32
+
+
+def test_ctrl_c_during_a_step_leaves_engine_usable(tp_llm, prompts_and_reference, monkeypatch):
+    prompts, reference = prompts_and_reference
+    real_run, calls = tp_llm.model_runner.run, []
+
+    def interrupted_run(seqs, is_prefill):
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C while the workers are already computing this step
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_run(seqs, is_prefill)
+
+    monkeypatch.setattr(tp_llm.model_runner, "run", interrupted_run)
+    with pytest.raises(KeyboardInterrupt):
+        greedy_tokens(tp_llm, prompts)
+    # The step finished on every rank before the interrupt was delivered; the call's requests are dropped.
+    assert len(calls) == 3 and tp_llm.scheduler.is_finished()
+    assert tp_llm.block_manager.num_free_blocks == tp_llm.block_manager.num_blocks
+    assert all(process.is_alive() for process in tp_llm.workers.processes)
+    assert greedy_tokens(tp_llm, prompts) == reference
+
+
+def test_two_engines_at_once_with_chunked_prefill_and_preemption(tiny_model, tp_llm, prompts_and_reference):
+    prompts, reference = prompts_and_reference
+    # 6 blocks of 16 tokens hold one long sequence (up to 72 tokens): the rest are preempted and recomputed.
+    constrained = LLM(tiny_model, **(TP2 | {"max_num_batched_tokens": 7, "num_kvcache_blocks": 6}))
+    assert constrained.workers.channel.shm.name != tp_llm.workers.channel.shm.name
+    assert greedy_tokens(constrained, prompts) == reference
+    assert constrained.scheduler.num_preemptions > 0
+    assert greedy_tokens(tp_llm, prompts) == reference
+    pids = worker_pids(constrained)
+    del constrained  # dropping the last reference shuts its workers down, not the other engine's
+    assert not any(is_running(pid) for pid in pids)
+    assert greedy_tokens(tp_llm, prompts) == reference
+
+
+def test_killed_worker_raises_within_seconds(tiny_model, prompts_and_reference, monkeypatch):
+    # Also an engine that follows another: the test above dropped its second engine.
+    prompts, reference = prompts_and_reference
+    threads_before = {t.ident for t in threading.enumerate()}
+    with LLM(tiny_model, **TP2) as llm:
+        assert greedy_tokens(llm, prompts) == reference
+        pids = worker_pids(llm)
+        # The worker dies in the middle of a step.
+        outcome, seconds = generate_while_killing_worker(llm, monkeypatch, lambda: greedy_tokens(llm, prompts),
+                                                         pids[0], kill_at_call=2, deadline=30)
+        assert seconds < 10
+        assert outcome and "rank 1" in str(outcome[0]) and "SIGKILL" in str(outcome[0])
+        with pytest.raises(RuntimeError, match="rank 1"):  # and it stays failed, clearly
+            greedy_tokens(llm, prompts)
+    assert_nothing_left(pids, threads_before)
+
+
+def test_construction_error_leaves_nothing_behind(tiny_model, tmp_path):
+    # Weights that do not fit the config (a wider hidden size): every rank fails while loading.
+    bad = make_random_checkpoint(str(tmp_path))
+    train_tokenizer(bad)
+    with open(os.path.join(bad, "config.json")) as f:
+        config = json.load(f) | {"hidden_size": 96}
+    with open(os.path.join(bad, "config.json"), "w") as f:
+        json.dump(config, f)
+    threads_before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(ValueError, match="does not fit"):  # rank 0's own error, not a worker's death
+        LLM(bad, **TP2)
+    assert_nothing_left([], threads_before)
+
+
+# ---- the call channel and step messages, in one process ------------------------------------------
+def test_channel_delivers_messages_larger_than_its_buffer():
+    channel = CallChannel(num_workers=2, capacity=64)
+    messages = [b"", b"x" * 63, b"y" * 64, b"z" * 65, list(range(3000)), {"step": 7}]
+    received = [[], []]
+
+    def read(endpoint, into, pause):
+        endpoint.attach()
+        for _ in messages:
+            into.append(endpoint.receive())
+            time.sleep(pause)  # a slow reader: the writer must wait for it, never overwrite
+
+    readers = [threading.Thread(target=read, args=(e, r, p)) for e, r, p in
+               zip(channel.endpoints, received, (0, 0.01))]
+    for reader in readers:
+        reader.start()
+    channel.wait_for_attach()
+    assert our_shm_segments() == []  # unlinked as soon as every worker has attached
+    for message in messages:
+        channel.send(message)
+    for reader in readers:
+        reader.join()
+    assert received == [messages, messages]
+    channel.close()
+
+
+def test_channel_reports_a_worker_that_is_gone():
+    channel = CallChannel(num_workers=1, capacity=64)
+    channel.endpoints[0].conn.close()
+    with pytest.raises(WorkerGone):
+        channel.send("step")
+        channel.wait_for_acks()
+    channel.close()
+    assert our_shm_segments() == []
+
+
+def test_step_messages_carry_only_what_changed():
+    encoder, mirror = StepEncoder(), SequenceMirror(block_size=4)
+    seq = Sequence(list(range(10, 20)), None, 4)
+    seq.block_table, seq.num_scheduled_tokens = [7, 3, 5], 10
+    first = encoder.encode([seq], is_prefill=True)
+    assert first.updates[0][1] == seq.token_ids and first.updates[0][3] == [7, 3, 5]
+    [copy] = mirror.apply(first)
+
+    seq.num_computed_tokens, seq.num_scheduled_tokens = 10, 1
+    seq.append_token(99)
+    decode = encoder.encode([seq], is_prefill=False)
+    assert decode.updates[0][1:4] == ([99], 3, [])  # one new token, no block-table entries
+    mirror.apply(decode)
+    assert copy.token_ids == seq.token_ids and copy.block_table == seq.block_table
+
+    seq.block_table = [1, 2, 4]  # preempted and readmitted elsewhere: a new table, sent whole
+    readmitted = encoder.encode([seq], is_prefill=True)
+    assert readmitted.updates[0][2:4] == (0, [1, 2, 4])
+    mirror.apply(readmitted)
+    assert copy.block_table == [1, 2, 4]
+
+    seq.status = SequenceStatus.FINISHED
+    assert encoder.encode([], is_prefill=False).forget == [seq.seq_id]

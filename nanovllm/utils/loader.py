@@ -12,6 +12,20 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=No
     param.data.copy_(loaded)
 
 
+def check_safetensors_files(path: str) -> list[str]:
+    """The checkpoint's *.safetensors files, each header read and checked. Reading a header is cheap
+    (no tensor data), and safetensors verifies that the file is as long as its header says, so a
+    truncated or corrupt file is reported here, before any model is built."""
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    for file in files:
+        try:
+            with safe_open(file, "pt", device="cpu") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read safetensors file {file!r} (truncated or corrupt?): {e}") from e
+    return files
+
+
 def _checkpoint_tensors(path: str):
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     for file in files:

@@ -10,6 +10,7 @@ memory-bandwidth floor and the fraction of it reached.
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from random import randint, seed
 
 import torch
@@ -30,6 +31,10 @@ def parse_args(argv=None):
     p.add_argument("--input-len", type=int, help="fixed prompt length instead of randint(100, max-input-len)")
     p.add_argument("--output-len", type=int, help="fixed output length instead of randint(100, max-output-len)")
     p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the most likely (0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' rule (1: off)")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--max-model-len", type=int, default=4096)
@@ -77,14 +82,21 @@ def run_nano(path, args, prompts, output_lens):
     from nanovllm import LLM, SamplingParams
     llm = LLM(path, enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
               max_model_len=args.max_model_len)
-    params = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n) for n in output_lens]
-    llm.generate(["Benchmark: "], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    params = [SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                             repetition_penalty=args.repetition_penalty, ignore_eos=True, max_tokens=n)
+              for n in output_lens]
+    # Warm-up on a few of the workload's own prompts, so first-use costs (kernel compiles for prefill
+    # shapes, allocator growth) stay out of the timed run.
+    llm.generate(prompts[:8], [replace(p, max_tokens=4) for p in params[:8]], use_tqdm=False)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
+    # Rank 0's shard: with tensor parallelism every GPU reads its own shard and KV heads in parallel,
+    # so the floor is one rank's bytes over one GPU's bandwidth.
     runner = llm.model_runner
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     kv_bytes_per_token = runner.kv_cache[:, :, 0, 0].numel() * runner.kv_cache.element_size()
+    llm.exit()  # frees every rank's GPU before the bandwidth probe
     return sum(len(o["token_ids"]) for o in outputs), seconds, weight_bytes, kv_bytes_per_token
 
 
@@ -96,6 +108,8 @@ def run_hf(path, args, prompts, output_lens):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda",
                                                  attn_implementation="paged|sdpa")
     config = GenerationConfig(max_new_tokens=output_lens[0], do_sample=True, temperature=args.temperature,
+                              top_p=args.top_p, top_k=args.top_k, min_p=args.min_p or None,
+                              repetition_penalty=args.repetition_penalty,
                               eos_token_id=-1, pad_token_id=0)
     model.generate_batch(inputs=prompts[:2], generation_config=config, progress_bar=False)  # warm-up
     start = time.perf_counter()
@@ -119,7 +133,10 @@ def main(argv=None):
         tokens, seconds, weight_bytes, kv_bytes_per_token = run(path, args, prompts, output_lens)
     rows = [("backend", args.backend), ("requests", len(prompts)), ("output tokens", tokens),
             ("seconds", f"{seconds:.2f}"), ("output tok/s", f"{tokens / seconds:.0f}"),
-            ("prompt+output tok/s", f"{(tokens + sum(map(len, prompts))) / seconds:.0f}")]
+            ("prompt+output tok/s", f"{(tokens + sum(map(len, prompts))) / seconds:.0f}"),
+            ("tensor parallel size", args.tensor_parallel_size)]
+    if len(prompts) == 1:  # single-request latency, e.g. --num-seqs 1 --input-len 128 --output-len 512
+        rows.append(("ms per output token", f"{seconds * 1e3 / tokens:.2f}"))
     if torch.cuda.is_available() and weight_bytes is not None:
         bandwidth = copy_bandwidth()
         floor = floor_seconds(list(map(len, prompts)), output_lens, weight_bytes, kv_bytes_per_token, bandwidth)

@@ -1,3 +1,4 @@
+import json
 import logging
 import os
 from dataclasses import dataclass, field, fields
@@ -7,6 +8,7 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
 from nanovllm.attention import BACKEND_NAMES, resolve_backend_name
 from nanovllm.sampling_params import check_number, check_type
+from nanovllm.utils.loader import check_safetensors_files
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +43,24 @@ def check_model_dir(model: str) -> str:
     if not any(name.endswith(".safetensors") for name in os.listdir(path)):
         raise FileNotFoundError(f"model directory {model!r} holds no *.safetensors weights "
                                 f"(only safetensors are loaded, never pickled .bin files)")
+    check_safetensors_files(path)
     return path
 
 
 def load_hf_config(path: str) -> PretrainedConfig:
-    hf_config = AutoConfig.from_pretrained(path)
-    architectures = getattr(hf_config, "architectures", None) or []
-    if not any(arch in SUPPORTED_ARCHITECTURES for arch in architectures):
-        raise ValueError(f"model architecture {architectures or hf_config.model_type!r} is not supported; "
+    # Check the architecture in the raw JSON first: transformers would otherwise try to resolve an
+    # unknown model type, and for a config with custom code (auto_map) ask on stdin whether to run it.
+    config_file = os.path.join(path, "config.json")
+    try:
+        with open(config_file) as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"model config {config_file!r} is not valid JSON: {e}") from e
+    architectures = raw.get("architectures") if isinstance(raw, dict) else None
+    if not isinstance(architectures, list) or not any(arch in SUPPORTED_ARCHITECTURES for arch in architectures):
+        raise ValueError(f"model config {config_file!r} has architectures={architectures!r}; "
                          f"supported: {list(SUPPORTED_ARCHITECTURES)}")
-    return hf_config
+    return AutoConfig.from_pretrained(path, trust_remote_code=False)
 
 
 @dataclass
@@ -88,6 +98,7 @@ class Config:
         for name, allowed in (("device", DEVICES), ("dtype", ("auto", *DTYPES)),
                               ("attention_backend", BACKEND_NAMES)):
             value = getattr(self, name)
+            check_type(name, value, str, f"one of {list(allowed)}")
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
@@ -97,6 +108,12 @@ class Config:
         self.eos_token_ids = self._eos_token_ids()
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
         self.device = resolve_device(self.device)
+        if self.device == "cuda" and self.tensor_parallel_size > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} exceeds the "
+                             f"{torch.cuda.device_count()} CUDA device(s) available")
+        if self.device == "mps" and self.tensor_parallel_size > 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} needs device 'cuda' (one GPU "
+                             f"per rank) or 'cpu'; MPS has a single device and no collectives")
         self.dtype = self._resolve_dtype()
         self.attention_backend = resolve_backend_name(self.attention_backend, self.device, self.kvcache_block_size)
         logger.info("nano-vllm: device=%s dtype=%s attention=%s", self.device, self.dtype, self.attention_backend)

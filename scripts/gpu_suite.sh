@@ -16,11 +16,12 @@ fi
 bench() {  # name, then bench.py arguments
   local name=$1; shift
   python3 bench.py --random-weights qwen3-0.6b "$@" > "$OUT/bench_$name.txt" 2>&1
-  note "$name: $(grep -E 'output tok/s|prompt\+output|fraction|seconds' "$OUT/bench_$name.txt" | tr -s ' ' | tr '\n' ';')"
+  note "$name: $(grep -E 'output tok/s|prompt\+output|fraction|seconds|per output token' "$OUT/bench_$name.txt" | tr -s ' ' | tr '\n' ';')"
   tail -3 "$OUT/bench_$name.txt" | grep -iE "error|Traceback" && tail -20 "$OUT/bench_$name.txt"
 }
 if [[ $what == bench || $what == all ]]; then
   bench full
+  bench full_filters --top-p 0.9 --top-k 50 --repetition-penalty 1.1
   bench nano64 --num-seqs 64 --output-len 256
   bench hf64 --num-seqs 64 --output-len 256 --backend hf
   bench single --num-seqs 1 --input-len 128 --output-len 512

@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from nanovllm.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from nanovllm.attention import create_backend  # noqa: E402
 from nanovllm.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from nanovllm.attention.triton_kernels import (paged_decode_attention, paged_prefill_attention,  # noqa: E402
                                                store_kvcache)
@@ -153,11 +154,19 @@ def test_decode_split_counts_match_reference(num_splits):
     assert_close_to_reference(triton_attention(batch, num_splits), reference_attention(batch), torch.bfloat16)
 
 
-@pytest.mark.parametrize("batch_name", ["decode", "prefix_hit"])
-def test_backend_matches_reference(batch_name):
-    batch = make_batch(*BATCHES[batch_name], Shape(), seed=7)
+def backend_named(name: str):
+    if name == "flash-attn":
+        pytest.importorskip("flash_attn", reason="flash-attn is not installed here")
+    return create_backend(name)
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "flash-attn"])
+@pytest.mark.parametrize("batch_name", ["decode", "prefix_hit", "chunked_prefill"])
+def test_backend_matches_reference(batch_name, backend_name):
+    # flash-attn's paged cache needs 256-token blocks.
+    batch = make_batch(*BATCHES[batch_name], Shape(block_size=256), seed=7)
     ref = reference_attention(batch)
-    backend = TritonAttentionBackend()
+    backend = backend_named(backend_name)
     backend.store_kv(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
     out = backend.forward(batch.q, batch.k_cache, batch.v_cache, batch.meta, batch.scale)
     assert_close_to_reference(out, ref, torch.bfloat16)

@@ -29,6 +29,10 @@ class InputBuilder:
 
     def _upload(self, *parts: list[int]) -> list[torch.Tensor]:
         """Copy int lists to the device in one transfer; returns one int64 device tensor per part."""
+        # Each part starts 16-byte aligned (an even number of int64s): kernels compiled for aligned
+        # pointers are not recompiled when a part's offset changes.
+        lengths = [len(p) for p in parts]
+        parts = [p + [0] * (len(p) % 2) for p in parts]
         total = sum(map(len, parts))
         if self.on_cuda:
             self.copy_done.synchronize()  # the previous step's copy must have left the staging buffer
@@ -40,7 +44,7 @@ class InputBuilder:
         flat = host.to(self.device, non_blocking=True)
         if self.on_cuda:
             self.copy_done.record()
-        return list(flat.split([len(p) for p in parts]))
+        return [part[:n] for part, n in zip(flat.split([len(p) for p in parts]), lengths)]
 
     def _block_table_rows(self, seqs: list[Sequence]) -> tuple[list[int], int]:
         width = max(len(seq.block_table) for seq in seqs)

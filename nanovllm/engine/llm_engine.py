@@ -1,17 +1,23 @@
 """Request intake, the step loop, detokenization and outputs."""
 import logging
 import time
+from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
+from contextlib import closing
 
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.chat import conversations_to_prompts
+from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.request import Request
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.engine.tp_pool import WorkerPool
+from nanovllm.sampling_params import SamplingParams, check_type
 
 logger = logging.getLogger(__name__)
 
@@ -24,17 +30,30 @@ class LLMEngine:
         if unknown:
             raise TypeError(f"unknown LLM argument(s) {sorted(unknown)}; allowed: {sorted(Config.field_names())}")
         self.config = config = Config(model, **kwargs)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.model_runner = ModelRunner(config)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model, trust_remote_code=False)
+        # Ranks 1.. of tensor parallelism, each in its own process; rank 0 runs here. None at one rank.
+        self.workers = WorkerPool(config) if config.tensor_parallel_size > 1 else None
+        if self.workers is None:
+            self.model_runner = ModelRunner(config)
+        else:
+            with self.workers.lockstep():
+                self.model_runner = ModelRunner(config, self.workers.group)
         self.block_manager = BlockManager(self.model_runner.num_kvcache_blocks, config.kvcache_block_size)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.block_manager,
                                    config.eos_token_ids, config.max_model_len)
+        # n > 1: a request's other samples wait here until its first has computed (and cached) the prompt.
+        self.waiting_siblings: dict[int, list[Sequence]] = {}
+        # seq_id -> the detokenizer of a running sequence that streams or has stop strings.
+        self.detokenizers: dict[int, IncrementalDetokenizer] = {}
 
     # ---- intake -------------------------------------------------------------------------------
     def _tokenize(self, prompt, index: int) -> list[int]:
         if isinstance(prompt, str):
             token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif isinstance(prompt, list):
+            for j, t in enumerate(prompt):
+                if isinstance(t, bool) or not isinstance(t, int):
+                    raise TypeError(f"prompts[{index}][{j}] must be an int token id, got {type(t).__name__} {t!r}")
             token_ids = prompt
         else:
             raise TypeError(f"prompts[{index}] must be a str or a list of int token ids, got {type(prompt).__name__}")
@@ -60,8 +79,24 @@ class LLMEngine:
                 f"KV cache holds only {self.block_manager.num_blocks} blocks; lower max_tokens or give the cache "
                 f"more memory (gpu_memory_utilization / num_kvcache_blocks)")
 
+    def _check_sampling_params(self, params: SamplingParams, index: int) -> None:
+        """The checks SamplingParams cannot do alone: those against the model's vocabulary."""
+        vocab_size = self.config.hf_config.vocab_size
+        bad = next((t for t in params.stop_token_ids or () if t >= vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"sampling_params[{index}].stop_token_ids has {bad}, outside the vocabulary "
+                             f"[0, {vocab_size})")
+        if params.logprobs is not None and params.logprobs > vocab_size:
+            raise ValueError(f"sampling_params[{index}].logprobs={params.logprobs} exceeds the vocabulary "
+                             f"size {vocab_size}")
+
     def make_sequences(self, prompts, sampling_params) -> list[Sequence]:
-        """Validate a whole call before any of it is queued, so a bad request changes nothing."""
+        """Validate a whole call and return its sequences (all n samples of each prompt), unqueued."""
+        return [seq for request in self.make_requests(prompts, sampling_params) for seq in request.seqs]
+
+    def make_requests(self, prompts, sampling_params, incremental: bool = False) -> list[Request]:
+        """Validate a whole call before any of it is queued, so a bad request changes nothing.
+        incremental: detokenize every sample step by step (for streaming)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not isinstance(prompts, list):
@@ -75,12 +110,15 @@ class LLMEngine:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"sampling_params has {len(sampling_params)} entries for {len(prompts)} prompts; "
                              f"pass one SamplingParams or one per prompt")
-        seqs = []
+        requests = []
         for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
             token_ids = self._tokenize(prompt, i)
+            self._check_sampling_params(params, i)
             self._check_fits_cache(len(token_ids), params, i)
-            seqs.append(Sequence(token_ids, params, self.config.kvcache_block_size))
-        return seqs
+            seqs = [Sequence(token_ids, params, self.config.kvcache_block_size, sample_index=j)
+                    for j in range(params.n)]
+            requests.append(Request(i, seqs, self.tokenizer, incremental))
+        return requests
 
     # ---- the loop -----------------------------------------------------------------------------
     def step(self) -> tuple[list[Sequence], int, bool]:
@@ -88,31 +126,61 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             raise RuntimeError("scheduler found nothing to run although requests are pending")
-        token_ids = self.model_runner.run(seqs, is_prefill)
+        token_ids, logprobs = self._run_model(seqs, is_prefill)
         num_tokens = sum(seq.num_scheduled_tokens for seq in seqs)
-        return self.scheduler.postprocess(seqs, token_ids), num_tokens, is_prefill
+        finished = self.scheduler.postprocess(seqs, token_ids, logprobs)
+        return finished + self._after_sampling(seqs, token_ids), num_tokens, is_prefill
+
+    def _run_model(self, seqs: list[Sequence], is_prefill: bool):
+        if self.workers is None:
+            return self.model_runner.run(seqs, is_prefill)
+        # The workers get the step first, so they compute while rank 0 does.
+        return self.workers.run_step(seqs, is_prefill, lambda: self.model_runner.run(seqs, is_prefill))
+
+    def _after_sampling(self, seqs: list[Sequence], token_ids: list[int | None]) -> list[Sequence]:
+        """Admit the siblings of requests whose prompt is now cached; detokenize the sequences that
+        stream or have stop strings. Returns the sequences a stop string finished."""
+        stopped = []
+        for seq, token_id in zip(seqs, token_ids):
+            if token_id is None:
+                continue
+            for sibling in reversed(self.waiting_siblings.pop(seq.seq_id, [])):
+                self.scheduler.add(sibling, first=True)
+            detokenizer = self.detokenizers.get(seq.seq_id)
+            if detokenizer is None:
+                continue
+            stop = detokenizer.update(seq.token_ids, seq.is_finished)
+            if stop is not None and self.scheduler.stop(seq, stop):
+                stopped.append(seq)
+            if seq.is_finished:
+                del self.detokenizers[seq.seq_id]
+        return stopped
 
     def is_finished(self) -> bool:
         return self.scheduler.is_finished()
 
-    def output(self, seq: Sequence) -> dict:
-        return {
-            "text": self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True),
-            "token_ids": seq.completion_token_ids,
-            "prompt_token_ids": seq.prompt_token_ids,
-            "finish_reason": seq.finish_reason,
-            "num_cached_tokens": seq.num_cached_tokens,
-        }
+    def _queue(self, requests: list[Request]) -> None:
+        for request in requests:
+            first, *siblings = request.seqs
+            self.scheduler.add(first)
+            if siblings:
+                self.waiting_siblings[first.seq_id] = siblings
+            for seq, detokenizer in zip(request.seqs, request.detokenizers):
+                if detokenizer is not None:
+                    self.detokenizers[seq.seq_id] = detokenizer
 
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] = None,
-                 use_tqdm: bool = True) -> list[dict]:
-        """Generate completions for prompts; one output dict per prompt, in prompt order."""
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        seqs = self.make_sequences(prompts, sampling_params)
+    def _drop(self, requests: list[Request]) -> None:
+        seqs = [seq for request in requests for seq in request.seqs]
+        self.scheduler.abort(seqs)
         for seq in seqs:
-            self.scheduler.add(seq)
-        progress = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+            self.waiting_siblings.pop(seq.seq_id, None)
+            self.detokenizers.pop(seq.seq_id, None)
+
+    def _run(self, requests: list[Request], use_tqdm: bool) -> Iterator[None]:
+        """Queue requests and step until the engine is idle, yielding after each step."""
+        self._queue(requests)
+        progress = tqdm(total=sum(len(r.seqs) for r in requests), desc="Generating", dynamic_ncols=True,
+                        disable=not use_tqdm)
         try:
             while not self.scheduler.is_finished():
                 start = time.perf_counter()
@@ -121,10 +189,47 @@ class LLMEngine:
                 progress.set_postfix_str(f"{'prefill' if is_prefill else 'decode'} {rate:.0f} tok/s, "
                                          f"preemptions {self.scheduler.num_preemptions}", refresh=False)
                 progress.update(len(finished))
+                yield
         except BaseException:
-            # Interrupted (Ctrl-C) or failed: drop this call's requests so the engine stays usable.
-            self.scheduler.abort(seqs)
+            # Interrupted (Ctrl-C), failed, or a stream closed early: drop this call's requests so the
+            # engine stays usable.
+            self._drop(requests)
             raise
         finally:
             progress.close()
-        return [self.output(seq) for seq in seqs]
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] = None,
+                 use_tqdm: bool = True) -> list[dict]:
+        """Generate completions for prompts; one output dict per prompt, in prompt order (README: Quick start)."""
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        check_type("use_tqdm", use_tqdm, bool, "a bool")
+        requests = self.make_requests(prompts, sampling_params)
+        for _ in self._run(requests, use_tqdm):
+            pass
+        return [request.output() for request in requests]
+
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] = None,
+             use_tqdm: bool = True, chat_template_kwargs: dict | None = None) -> list[dict]:
+        """generate() for one conversation (a list of {"role", "content"} dicts) or a list of them, each
+        rendered with the tokenizer's chat template and the assistant's generation prompt."""
+        prompts = conversations_to_prompts(self.tokenizer, messages, chat_template_kwargs)
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] = None) -> Iterator[dict]:
+        """Like generate, but yields each sample's new text and token ids as they are produced:
+        {"index", "sample_index", "text", "token_ids", "logprobs", "finished", "finish_reason",
+        "stop_reason"}; a sample's last event has finished=True. The call is validated here, before
+        iteration; closing the iterator early drops its requests."""
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        return self._stream(self.make_requests(prompts, sampling_params, incremental=True))
+
+    def _stream(self, requests: list[Request]) -> Iterator[dict]:
+        # closing(): if the caller stops early, the step loop is closed at once and drops the requests.
+        with closing(self._run(requests, use_tqdm=False)) as steps:
+            for _ in steps:
+                for request in requests:
+                    yield from request.stream_events()
+        for request in requests:  # anything finished by another call's steps in the meantime
+            yield from request.stream_events()

@@ -12,7 +12,7 @@ from nanovllm.engine.input_batch import InputBuilder
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.fusable import EAGER_OPS, building_with_ops, compiled_ops
-from nanovllm.layers.sampler import Sampler, SamplingBatch
+from nanovllm.sampling import Sampler
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.context import set_context
 from nanovllm.utils.distributed import ParallelGroup, building_with
@@ -81,7 +81,9 @@ class ModelRunner:
                 num_blocks = kv_cache.blocks_that_fit_cuda(config, per_block)
             else:
                 weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-                num_blocks = kv_cache.blocks_that_fit_host(config, per_block, weights)
+                # The ranks of a CPU engine share one host's RAM: budget for all their equal shards.
+                world = self.group.world_size
+                num_blocks = kv_cache.blocks_that_fit_host(config, per_block * world, weights * world)
             num_blocks = min(num_blocks, kv_cache.blocks_for_all_sequences(config))
         if self.group.world_size > 1:  # every rank must hold the same number: the smallest
             count = torch.tensor([num_blocks], device=self.device)
@@ -125,12 +127,20 @@ class ModelRunner:
         finally:
             set_context(None)
 
+    def run_without_sampling(self, seqs: list[Sequence], is_prefill: bool) -> None:
+        """Ranks > 0: the step's forward pass, which its collectives need; rank 0 samples."""
+        self._forward_logits(seqs, is_prefill)
+
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int | None]:
-        """One model step; returns each sequence's next token, or None for an unfinished prefill chunk."""
+    def run(self, seqs: list[Sequence], is_prefill: bool
+            ) -> tuple[list[int | None], list[dict[int, float] | None] | None]:
+        """One model step. Returns each sequence's next token (None for an unfinished prefill chunk) and,
+        when some sequence asked for logprobs, each one's {token_id: logprob} (else None)."""
         logits, sampled = self._forward_logits(seqs, is_prefill)
-        params = [seq.sampling_params for seq, ok in zip(seqs, sampled) if ok]
-        if not params:
-            return [None] * len(seqs)
-        token_ids = iter(self.sampler(logits, SamplingBatch.build(params, self.device)).tolist())
-        return [next(token_ids) if ok else None for ok in sampled]
+        sampling_seqs = [seq for seq, ok in zip(seqs, sampled) if ok]
+        if not sampling_seqs:
+            return [None] * len(seqs), None
+        output = self.sampler(logits, sampling_seqs, self.config.eos_token_ids)
+        token_ids, logprobs = iter(output.token_ids), iter(output.logprobs or ())
+        return ([next(token_ids) if ok else None for ok in sampled],
+                [next(logprobs) if ok else None for ok in sampled] if output.logprobs else None)

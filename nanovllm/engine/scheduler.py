@@ -25,8 +25,17 @@ class Scheduler:
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, seq: Sequence, first: bool = False) -> None:
+        """Queue seq; first=True puts it ahead of the waiting requests (n > 1 siblings of a request
+        whose prompt was just computed, so they find its blocks still cached)."""
+        if first and self.waiting and self.waiting[0].block_table:
+            # A partly prefilled head keeps its place: it holds blocks and was admitted under
+            # max_num_seqs; queued behind a sequence it could wait forever for those blocks.
+            self.waiting.insert(1, seq)
+        elif first:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Returns (sequences, is_prefill); each sequence's num_scheduled_tokens is set."""
@@ -40,7 +49,9 @@ class Scheduler:
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             if not seq.block_table:
-                if len(self.running) + len(scheduled) >= self.max_num_seqs:
+                # Every sequence scheduled so far this step is in `running` already (a partial chunk
+                # ends the loop), so `running` alone counts the batch.
+                if len(self.running) >= self.max_num_seqs:
                     break
                 if not self.block_manager.can_allocate(seq):
                     break
@@ -57,8 +68,9 @@ class Scheduler:
         return scheduled
 
     def _schedule_decode(self) -> list[Sequence]:
-        scheduled = []
-        while self.running and len(scheduled) < self.max_num_seqs:
+        # One token per sequence: the token budget caps the batch too (it sizes the activation peak).
+        scheduled, most = [], min(self.max_num_seqs, self.max_num_batched_tokens)
+        while self.running and len(scheduled) < most:
             seq = self.running.popleft()
             while not self.block_manager.can_append(seq):
                 if self.running:
@@ -92,29 +104,48 @@ class Scheduler:
         self.waiting = deque(s for s in self.waiting if s.seq_id not in dropped)
         self.running = deque(s for s in self.running if s.seq_id not in dropped)
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int | None]) -> list[Sequence]:
-        """Commit the step's K/V, append sampled tokens (None: prefill chunk not finished), and
-        return the sequences that finished."""
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int | None],
+                    logprobs: list[dict[int, float] | None] | None = None) -> list[Sequence]:
+        """Commit the step's K/V, append sampled tokens (None: prefill chunk not finished) and their
+        logprobs, and return the sequences that finished."""
         finished = []
-        for seq, token_id in zip(seqs, token_ids):
+        for i, (seq, token_id) in enumerate(zip(seqs, token_ids)):
             self.block_manager.commit_computed(seq, seq.num_scheduled_tokens)
             if token_id is None:
                 continue
-            seq.append_token(token_id)
-            reason = self._finish_reason(seq, token_id)
+            seq.append_token(token_id, logprobs[i] if logprobs else None)
+            reason, seq.stop_reason = self._finish_reason(seq, token_id)
             if reason:
-                seq.finish_reason = reason
-                seq.status = SequenceStatus.FINISHED
-                self.block_manager.deallocate(seq)
+                self._finish(seq, reason)
                 finished.append(seq)
         if finished:  # one linear pass, not a deque.remove per finished sequence
             self.running = deque(seq for seq in self.running if not seq.is_finished)
         return finished
 
-    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.deallocate(seq)
+
+    def stop(self, seq: Sequence, stop_reason: str) -> bool:
+        """Finish seq because its text reached the stop string stop_reason (the engine detokenizes).
+        Returns whether this finished it (False: it had finished already, e.g. by length)."""
+        newly = not seq.is_finished
+        if newly:
+            self._finish(seq, "stop")
+            self.running = deque(s for s in self.running if s is not seq)
+        seq.finish_reason, seq.stop_reason = "stop", stop_reason
+        return newly
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> tuple[str | None, int | None]:
+        """(finish reason, stop reason). Before min_tokens neither eos nor stop_token_ids end a sequence
+        (the sampler suppresses them too)."""
         params = seq.sampling_params
-        if not params.ignore_eos and token_id in self.eos_token_ids:
-            return "stop"
+        if seq.num_completion_tokens >= params.min_tokens:
+            if not params.ignore_eos and token_id in self.eos_token_ids:
+                return "stop", None
+            if params.stop_token_ids and token_id in params.stop_token_ids:
+                return "stop", token_id
         if seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
-            return "length"
-        return None
+            return "length", None
+        return None, None

@@ -38,7 +38,9 @@ def _split_range(context_len, split, num_splits, TILE: tl.constexpr):
     return start, tl.minimum(start + split_len, context_len)
 
 
-@triton.jit
+# Values that change from call to call are not specialized on (== 1, % 16 == 0): each specialization
+# would be a fresh compile in the middle of serving.
+@triton.jit(do_not_specialize=["num_splits", "stride_table_seq"])
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr, qk_scale, num_splits,
@@ -88,7 +90,7 @@ def _paged_decode_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     partial_out_ptr, partial_lse_ptr, context_lens_ptr, out_ptr, num_splits, stride_out_seq, stride_out_head,
     HEAD_DIM: tl.constexpr, TILE: tl.constexpr, SPLIT_ROWS: tl.constexpr,

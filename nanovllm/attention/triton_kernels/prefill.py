@@ -12,7 +12,8 @@ from nanovllm.attention.triton_kernels.common import (LOG2E, check_cache, dot_pr
                                                       paged_kv_offsets)
 
 
-@triton.jit
+# The block-table width changes every step: not specialized on, or each new width could recompile.
+@triton.jit(do_not_specialize=["stride_table_seq"])
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr, out_ptr, qk_scale,
     stride_q_token, stride_q_head, stride_out_token, stride_out_head,

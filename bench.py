@@ -42,15 +42,16 @@ def parse_args(argv=None):
 
 
 def workload(args, vocab_size: int) -> tuple[list[list[int]], list[int]]:
-    """nano-vllm's bench requests: seed 0, prompt ids randint(0, 10000), lengths randint(100, max)."""
+    """nano-vllm's bench requests: seed 0, prompt ids randint(0, 10000), lengths randint(100, max)
+    (randint(max, max) when max is below 100, for quick small runs)."""
     seed(0)
     max_id = min(10000, vocab_size - 1)
     prompts, output_lens = [], []
     for _ in range(args.num_seqs):
-        prompt_len = args.input_len or randint(100, args.max_input_len)
+        prompt_len = args.input_len or randint(min(100, args.max_input_len), args.max_input_len)
         prompts.append([randint(0, max_id) for _ in range(prompt_len)])
     for _ in range(args.num_seqs):
-        output_lens.append(args.output_len or randint(100, args.max_output_len))
+        output_lens.append(args.output_len or randint(min(100, args.max_output_len), args.max_output_len))
     return prompts, output_lens
 
 

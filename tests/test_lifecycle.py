@@ -72,6 +72,32 @@ def test_ctrl_c_during_generate_leaves_engine_usable(llm, expected, monkeypatch)
     assert greedy_tokens(llm) == expected
 
 
+def test_interrupted_call_leaves_another_calls_requests_correct(tiny_model, monkeypatch):
+    """A stream is mid-prefill (one prompt chunked) when another call's prefill step raises: the stream's
+    sequences are prefilled again, not decoded over K/V that was never written, and nothing wrong
+    reaches the prefix cache."""
+    chunked = CPU_ENGINE | {"max_num_batched_tokens": 48}
+    long_prompts = [[(7 * i + j) % 400 + 3 for j in range(40)] for i in range(2)]
+    with LLM(tiny_model, **chunked) as llm:
+        reference = [o["token_ids"] for o in llm.generate(long_prompts, GREEDY, use_tqdm=False)]
+    with LLM(tiny_model, **chunked) as llm:
+        stream = llm.stream(long_prompts, GREEDY)
+        events = [next(stream)]  # one step: the first prompt and part of the second prefilled
+        real_run = llm.model_runner.run
+
+        def fail_once(seqs, is_prefill):
+            monkeypatch.setattr(llm.model_runner, "run", real_run)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(llm.model_runner, "run", fail_once)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+        events += list(stream)
+        streamed = [[t for e in events if e["index"] == i for t in e["token_ids"]] for i in range(2)]
+        assert streamed == reference
+        assert llm.generate([long_prompts[1]], GREEDY, use_tqdm=False)[0]["token_ids"] == reference[1]
+
+
 def test_dropped_llm_frees_its_memory_for_the_next(tiny_model, expected):
     first = LLM(tiny_model, **CPU_ENGINE)
     model = weakref.ref(first.model_runner.model)

@@ -126,7 +126,12 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             raise RuntimeError("scheduler found nothing to run although requests are pending")
-        token_ids, logprobs = self._run_model(seqs, is_prefill)
+        try:
+            token_ids, logprobs = self._run_model(seqs, is_prefill)
+        except BaseException:
+            if is_prefill:  # a failed decode step needs no undo: nothing was committed
+                self.scheduler.undo_prefill(seqs)
+            raise
         num_tokens = sum(seq.num_scheduled_tokens for seq in seqs)
         finished = self.scheduler.postprocess(seqs, token_ids, logprobs)
         return finished + self._after_sampling(seqs, token_ids), num_tokens, is_prefill

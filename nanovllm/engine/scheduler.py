@@ -85,6 +85,17 @@ class Scheduler:
         self.running.extendleft(reversed(scheduled))
         return scheduled
 
+    def undo_prefill(self, seqs: list[Sequence]) -> None:
+        """A prefill step that raised computed nothing: put the sequences it moved to `running` back at the
+        head of `waiting`, in order and keeping their blocks, so they are prefilled again rather than
+        decoded over K/V that was never written."""
+        moved = [seq for seq in seqs if seq.status == SequenceStatus.RUNNING]
+        moved_ids = {seq.seq_id for seq in moved}
+        self.running = deque(seq for seq in self.running if seq.seq_id not in moved_ids)
+        for seq in reversed(moved):
+            seq.status = SequenceStatus.WAITING
+            self.waiting.appendleft(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1

@@ -50,6 +50,17 @@ class InputBuilder:
         width = max(len(seq.block_table) for seq in seqs)
         return list(chain.from_iterable(seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs)), width
 
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        """Cache slots of positions [start, end): one range per block, not one Python call per token."""
+        slots, position = [], start
+        while position < end:
+            block = position // self.block_size
+            block_end = min(end, (block + 1) * self.block_size)
+            offset = (seq.block_table[block] - block) * self.block_size  # logical -> physical slot
+            slots += range(position + offset, block_end + offset)
+            position = block_end
+        return slots
+
     def _slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
@@ -59,7 +70,7 @@ class InputBuilder:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
-            slots += [self._slot(seq, p) for p in range(start, end)]
+            slots += self._slots(seq, start, end)
             cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
             context_lens.append(end)
             # Only a sequence whose whole prompt is now computed gets its next token.

@@ -225,3 +225,26 @@ def test_logprobs_are_the_raw_models_log_softmax():
     assert list(first)[0] == token and set(first) == {token, *top3}
     assert all(abs(first[t] - reference[0, t].item()) < 1e-6 for t in first)
     assert missing is None and list(only_sampled) == [output.token_ids[2]]
+
+
+def test_greedy_row_with_top_p_never_redoes_the_full_vocabulary(monkeypatch):
+    """A greedy row takes the argmax whatever its nucleus: a flat distribution (whose top candidates hold
+    too little mass) must not send it through the full-vocabulary fallback."""
+    from nanovllm.sampling import sampler as sampler_module
+    calls = []
+    real = sampler_module.sample_from_candidates
+
+    def counting(logits, *args):
+        calls.append(logits.shape[0])
+        return real(logits, *args)
+
+    monkeypatch.setattr(sampler_module, "sample_from_candidates", counting)
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4096) * 0.1  # flat rows
+    logits[2, 7] = 50.0  # a peaked row: its candidates hold all the mass
+    seqs = [Sequence([1, 2, 3], SamplingParams(temperature=0.0, top_p=0.9), 16),
+            Sequence([1, 2, 3], SamplingParams(temperature=0.7, top_p=0.9, top_k=50), 16),
+            Sequence([1, 2, 3], SamplingParams(temperature=0.7, top_p=0.95), 16)]
+    tokens = sample(logits.clone(), seqs)
+    assert tokens[0] == int(logits[0].argmax()) and tokens[2] == 7
+    assert len(calls) == 1  # the candidate pass only; no redo

@@ -75,7 +75,9 @@ def sample_from_candidates(logits: torch.Tensor, params: RowParams, num_candidat
     # Keep a token while the mass before it is below top_p: the token that crosses top_p stays.
     keep = (mass - probs < params.top_p.unsqueeze(1)) | ~uses_top_p.unsqueeze(1)
     values = values.masked_fill(~keep, float("-inf"))
-    short_mass = uses_top_p & ~uses_top_k & (mass[:, -1] < params.top_p) & (num_candidates < vocab_size)
+    # Greedy rows (T = 0) take the argmax whatever the nucleus: never worth a full-vocabulary redo.
+    short_mass = (uses_top_p & ~uses_top_k & (mass[:, -1] < params.top_p) & (num_candidates < vocab_size)
+                  & (params.temperature > 0))
 
     choice = draw(values, params.temperature, params.seeded_uniform, params.all_seeded,
                   weights=probs.masked_fill(~keep, 0.0))

@@ -46,15 +46,22 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self.free_block_ids)
 
+    @staticmethod
+    def _block_hash(seq: Sequence, i: int) -> int:
+        """The chained hash of seq's full block i. A full block's tokens never change, so each hash is
+        computed once per sequence (a waiting sequence is looked up again at every admission attempt)."""
+        hashes = seq.block_hashes
+        while len(hashes) <= i:
+            hashes.append(chain_hash(seq.block_tokens(len(hashes)), hashes[-1] if hashes else NO_HASH))
+        return hashes[i]
+
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids holding seq's leading full blocks. The last token is always left to compute,
         because the model needs at least one query to produce the next token's logits."""
-        hits, previous = [], NO_HASH
+        hits = []
         for i in range((len(seq) - 1) // self.block_size):
-            tokens = seq.block_tokens(i)
-            previous = chain_hash(tokens, previous)
-            block_id = self.hash_to_block_id.get(previous)
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
+            block_id = self.hash_to_block_id.get(self._block_hash(seq, i))
+            if block_id is None or self.blocks[block_id].token_ids != seq.block_tokens(i):
                 break
             hits.append(block_id)
         return hits
@@ -112,11 +119,10 @@ class BlockManager:
         first = seq.num_computed_tokens // self.block_size
         seq.num_computed_tokens += num_new_tokens
         last = seq.num_computed_tokens // self.block_size
-        previous = self.blocks[seq.block_table[first - 1]].hash if first else NO_HASH
         for i in range(first, last):
             block = self.blocks[seq.block_table[i]]
             block.token_ids = seq.block_tokens(i)
-            block.hash = previous = chain_hash(block.token_ids, previous)
+            block.hash = self._block_hash(seq, i)
             # An equal block may already be registered (e.g. a prompt ending on a block boundary is
             # recomputed); keep the first, this one stays private to seq.
             self.hash_to_block_id.setdefault(block.hash, block.block_id)

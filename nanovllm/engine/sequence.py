@@ -25,6 +25,8 @@ class Sequence:
         self.block_size = block_size
         self.sampling_params = sampling_params
         self.block_table: list[int] = []
+        # Chained prefix-cache hashes of the full blocks, filled lazily by the block manager.
+        self.block_hashes: list[int] = []
         # Tokens whose K/V is in the cache; the rest are computed by the next prefill chunk or decode.
         self.num_computed_tokens = 0
         # Prompt tokens served from the prefix cache at the first admission (reported to the user).

@@ -4,6 +4,7 @@ import time
 from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
 from contextlib import closing
+from itertools import chain
 
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
@@ -182,7 +183,7 @@ class LLMEngine:
             self.detokenizers.pop(seq.seq_id, None)
 
     def _run(self, requests: list[Request], use_tqdm: bool) -> Iterator[None]:
-        """Queue requests and step until the engine is idle, yielding after each step."""
+        """Queue requests and step until the engine is idle, yielding each step's finished sequences."""
         self._queue(requests)
         progress = tqdm(total=sum(len(r.seqs) for r in requests), desc="Generating", dynamic_ncols=True,
                         disable=not use_tqdm)
@@ -194,7 +195,7 @@ class LLMEngine:
                 progress.set_postfix_str(f"{'prefill' if is_prefill else 'decode'} {rate:.0f} tok/s, "
                                          f"preemptions {self.scheduler.num_preemptions}", refresh=False)
                 progress.update(len(finished))
-                yield
+                yield finished
         except BaseException:
             # Interrupted (Ctrl-C), failed, or a stream closed early: drop this call's requests so the
             # engine stays usable.
@@ -232,9 +233,17 @@ class LLMEngine:
 
     def _stream(self, requests: list[Request]) -> Iterator[dict]:
         # closing(): if the caller stops early, the step loop is closed at once and drops the requests.
+        owner = {seq.seq_id: request for request in requests for seq in request.seqs}
         with closing(self._run(requests, use_tqdm=False)) as steps:
-            for _ in steps:
-                for request in requests:
+            for finished in steps:
+                # Only requests that ran this step can have news: visiting every request of a large call
+                # each step would cost more than the step itself.
+                touched = {}
+                for seq in chain(self.scheduler.running, finished):
+                    request = owner.get(seq.seq_id)
+                    if request is not None:
+                        touched[request.index] = request
+                for request in touched.values():
                     yield from request.stream_events()
         for request in requests:  # anything finished by another call's steps in the meantime
             yield from request.stream_events()

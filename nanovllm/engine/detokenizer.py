@@ -24,7 +24,6 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = 0
         self.text = ""
-        self.stop_reason: str | None = None
         self.num_streamed_chars = 0
         # While streaming, the last characters may begin a stop string that will be cut from the text:
         # hold back len(longest stop) - 1 of them so the streamed text never has to be taken back.
@@ -61,9 +60,9 @@ class IncrementalDetokenizer:
                 found = at, stop
         if found is None:
             return None
-        at, self.stop_reason = found
-        self.text = self.text[:at + len(self.stop_reason) if self.include_stop else at]
-        return self.stop_reason
+        at, stop = found
+        self.text = self.text[:at + len(stop) if self.include_stop else at]
+        return stop
 
     def stream_delta(self, finished: bool) -> str:
         """Text not streamed yet, less the hold-back while the sequence runs."""

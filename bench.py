@@ -8,6 +8,7 @@ On CUDA it also measures the device-to-device copy bandwidth and prints the work
 memory-bandwidth floor and the fraction of it reached.
 """
 import argparse
+import logging
 import tempfile
 import time
 from dataclasses import replace
@@ -81,6 +82,7 @@ def floor_seconds(prompt_lens, output_lens, weight_bytes, kv_bytes_per_token, ba
 
 def run_nano(path, args, prompts, output_lens):
     from nanovllm import LLM, SamplingParams
+    started = time.perf_counter()
     llm = LLM(path, enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
               max_model_len=args.max_model_len)
     params = [SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
@@ -89,6 +91,7 @@ def run_nano(path, args, prompts, output_lens):
     # Warm-up on a few of the workload's own prompts, so first-use costs (kernel compiles for prefill
     # shapes, allocator growth) stay out of the timed run.
     llm.generate(prompts[:8], [replace(p, max_tokens=4) for p in params[:8]], use_tqdm=False)
+    startup = time.perf_counter() - started
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
@@ -98,7 +101,7 @@ def run_nano(path, args, prompts, output_lens):
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     kv_bytes_per_token = runner.kv_cache[:, :, 0, 0].numel() * runner.kv_cache.element_size()
     llm.exit()  # frees every rank's GPU before the bandwidth probe
-    return sum(len(o["token_ids"]) for o in outputs), seconds, weight_bytes, kv_bytes_per_token
+    return sum(len(o["token_ids"]) for o in outputs), seconds, startup, weight_bytes, kv_bytes_per_token
 
 
 def run_hf(path, args, prompts, output_lens):
@@ -106,6 +109,7 @@ def run_hf(path, args, prompts, output_lens):
     from transformers import AutoModelForCausalLM, GenerationConfig
     if len(set(output_lens)) > 1:
         raise SystemExit("--backend hf generates one length for all requests: pass --output-len")
+    started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda",
                                                  attn_implementation="paged|sdpa")
     config = GenerationConfig(max_new_tokens=output_lens[0], do_sample=True, temperature=args.temperature,
@@ -113,14 +117,18 @@ def run_hf(path, args, prompts, output_lens):
                               repetition_penalty=args.repetition_penalty,
                               eos_token_id=-1, pad_token_id=0)
     model.generate_batch(inputs=prompts[:2], generation_config=config, progress_bar=False)  # warm-up
+    startup = time.perf_counter() - started
     start = time.perf_counter()
     outputs = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
     seconds = time.perf_counter() - start
-    return sum(len(o.generated_tokens) for o in outputs.values()), seconds, None, None
+    return sum(len(o.generated_tokens) for o in outputs.values()), seconds, startup, None, None
 
 
 def main(argv=None):
     args = parse_args(argv)
+    # Start-up progress (weights, warm-up, CUDA graphs, per rank) goes to stderr.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("nanovllm").setLevel(logging.INFO)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model
         if args.random_weights:
@@ -131,11 +139,11 @@ def main(argv=None):
         from transformers import AutoConfig
         prompts, output_lens = workload(args, AutoConfig.from_pretrained(path).vocab_size)
         run = run_nano if args.backend == "nano" else run_hf
-        tokens, seconds, weight_bytes, kv_bytes_per_token = run(path, args, prompts, output_lens)
+        tokens, seconds, startup, weight_bytes, kv_bytes_per_token = run(path, args, prompts, output_lens)
     rows = [("backend", args.backend), ("requests", len(prompts)), ("output tokens", tokens),
             ("seconds", f"{seconds:.2f}"), ("output tok/s", f"{tokens / seconds:.0f}"),
             ("prompt+output tok/s", f"{(tokens + sum(map(len, prompts))) / seconds:.0f}"),
-            ("tensor parallel size", args.tensor_parallel_size)]
+            ("tensor parallel size", args.tensor_parallel_size), ("start-up seconds", f"{startup:.1f}")]
     if len(prompts) == 1:  # single-request latency, e.g. --num-seqs 1 --input-len 128 --output-len 512
         rows.append(("ms per output token", f"{seconds * 1e3 / tokens:.2f}"))
     if torch.cuda.is_available() and weight_bytes is not None:

@@ -11,6 +11,7 @@ not touched CUDA, so every engine sees a whole free GPU.
 """
 import argparse
 import json
+import logging
 import os
 import tempfile
 from random import randint, seed
@@ -59,6 +60,8 @@ def run(model: str, workload: str, tmp: str, args, num_engines: int):
 
 def main():
     args = parse_args()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("nanovllm").setLevel(logging.INFO)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:

@@ -20,17 +20,31 @@ def blocks_for_all_sequences(config: Config) -> int:
     return config.max_num_seqs * -(-config.max_model_len // config.kvcache_block_size)
 
 
-def blocks_that_fit_cuda(config: Config, bytes_per_block: int) -> int:
-    """Call after a warm-up at the largest batch, so its activation peak is known."""
+def check_weights_fit_cuda(config: Config, weight_bytes: int) -> None:
+    """Before any weight is placed: a gpu_memory_utilization budget that cannot hold this rank's
+    weights gets a clear error instead of an out-of-memory error halfway through loading."""
     free, total = torch.cuda.mem_get_info()
     used = total - free
-    peak, current = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
-    available = int(total * config.gpu_memory_utilization) - used - (peak - current)
+    budget = int(total * config.gpu_memory_utilization) - used
+    if weight_bytes > budget:
+        raise ValueError(
+            f"gpu_memory_utilization={config.gpu_memory_utilization} of this GPU's {total / 2**30:.2f} GiB, less "
+            f"{used / 2**30:.2f} GiB already in use, leaves {max(budget, 0) / 2**30:.2f} GiB, but the weights need "
+            f"{weight_bytes / 2**30:.2f} GiB per GPU; raise gpu_memory_utilization (at most 1.0) or shard the "
+            f"model with tensor_parallel_size")
+
+
+def blocks_that_fit_cuda(config: Config, bytes_per_block: int, activation_peak: int) -> int:
+    """activation_peak: the most memory the largest step allocates beyond what stays allocated (the
+    warm-up measures it)."""
+    free, total = torch.cuda.mem_get_info()
+    used = total - free
+    available = int(total * config.gpu_memory_utilization) - used - activation_peak
     if available < bytes_per_block:
         raise ValueError(
             f"gpu_memory_utilization={config.gpu_memory_utilization} leaves no room for the KV cache: "
             f"{total / 2**30:.2f} GiB total, {used / 2**30:.2f} GiB in use (weights and others), "
-            f"{(peak - current) / 2**30:.2f} GiB activation peak, one block needs {bytes_per_block / 2**20:.2f} MiB; "
+            f"{activation_peak / 2**30:.2f} GiB activation peak, one block needs {bytes_per_block / 2**20:.2f} MiB; "
             f"raise gpu_memory_utilization or lower max_num_batched_tokens")
     return available // bytes_per_block
 

@@ -1,5 +1,6 @@
 """Per rank: builds and loads the model, owns the KV cache and CUDA graphs, runs one step."""
 import logging
+import time
 from contextlib import contextmanager
 
 import torch
@@ -16,7 +17,7 @@ from nanovllm.sampling import Sampler
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.context import set_context
 from nanovllm.utils.distributed import ParallelGroup, building_with
-from nanovllm.utils.loader import load_model
+from nanovllm.utils.loader import checkpoint_numel, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,11 @@ class ModelRunner:
         self.group = group
         hf = config.hf_config
         self.device = torch.device(config.device, group.rank if config.device == "cuda" else None)
+        started = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
+            kv_cache.check_weights_fit_cuda(config, checkpoint_numel(config.model) * itemsize // group.world_size)
         # Layers are built directly on the device in the model's dtype, so they never pass device=.
         ops = compiled_ops() if self.device.type == "cuda" and not config.enforce_eager else EAGER_OPS
         with torch.device(self.device), default_dtype(config.torch_dtype), building_with(group), \
@@ -46,6 +50,7 @@ class ModelRunner:
             self.model = Qwen3ForCausalLM(hf)
             self.sampler = Sampler()
         load_model(self.model, config.model)
+        logger.info("rank %d: model built and loaded in %.1f s", group.rank, time.perf_counter() - started)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         backend = create_backend(config.attention_backend)
         for layer in self.attention_layers:
@@ -54,9 +59,12 @@ class ModelRunner:
         self.num_kvcache_blocks = self._allocate_kv_cache()
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
+            captured = time.perf_counter()
             with torch.device(self.device), default_dtype(config.torch_dtype):
                 self.graphs = DecodeGraphs(self.model, config.max_num_seqs, self.max_blocks_per_seq,
                                            hf.hidden_size, config.max_model_len)
+            logger.info("rank %d: %d decode CUDA graphs captured in %.1f s", group.rank, len(self.graphs.sizes),
+                        time.perf_counter() - captured)
 
     @property
     def max_blocks_per_seq(self) -> int:
@@ -77,8 +85,11 @@ class ModelRunner:
         num_blocks = config.num_kvcache_blocks
         if num_blocks == -1:
             if self.device.type == "cuda":
-                self._warm_up()
-                num_blocks = kv_cache.blocks_that_fit_cuda(config, per_block)
+                warm_up_started = time.perf_counter()
+                activation_peak = self._warm_up()
+                logger.info("rank %d: warm-up at the largest prefill in %.1f s (activation peak %.2f GiB)",
+                            self.group.rank, time.perf_counter() - warm_up_started, activation_peak / 2**30)
+                num_blocks = kv_cache.blocks_that_fit_cuda(config, per_block, activation_peak)
             else:
                 weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
                 # The ranks of a CPU engine share one host's RAM: budget for all their equal shards.
@@ -95,8 +106,9 @@ class ModelRunner:
                     num_blocks * per_block / 2**30)
         return num_blocks
 
-    def _warm_up(self) -> None:
-        """Run the largest prefill once, on a temporary cache, so the activation peak is measured."""
+    def _warm_up(self) -> int:
+        """Run the largest prefill once, on a temporary cache; returns its activation peak in bytes
+        (what it allocated beyond the weights and that cache)."""
         config = self.config
         num_tokens = min(config.max_num_batched_tokens, config.max_num_seqs * config.max_model_len)
         lengths = [config.max_model_len] * (num_tokens // config.max_model_len)
@@ -110,9 +122,12 @@ class ModelRunner:
             seqs.append(seq)
         self._bind_kv_cache(self._new_kv_cache(next_block))
         torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated()
         self._forward_logits(seqs, is_prefill=True)
+        activation_peak = torch.cuda.max_memory_allocated() - resident
         self._bind_kv_cache(torch.empty(2, len(self.attention_layers), 0))
         torch.cuda.empty_cache()
+        return activation_peak
 
     @torch.inference_mode()
     def _forward_logits(self, seqs: list[Sequence], is_prefill: bool):

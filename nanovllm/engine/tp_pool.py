@@ -76,7 +76,8 @@ class WorkerPool:
             store = open_store(0, world)
             context = torch.multiprocessing.get_context("spawn")
             for rank, endpoint in enumerate(self.channel.endpoints, start=1):
-                process = context.Process(target=run_worker, args=(rank, config, store.port, endpoint),
+                process = context.Process(target=run_worker, args=(rank, config, store.port, endpoint,
+                                                logging.getLogger("nanovllm").getEffectiveLevel()),
                                           name=f"nanovllm-tp-rank{rank}")
                 process.start()
                 self.processes.append(process)

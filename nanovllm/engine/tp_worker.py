@@ -44,8 +44,19 @@ def exit_with_rank0() -> None:
     threading.Thread(target=watch, daemon=True, name="nanovllm-rank0-watch").start()
 
 
-def run_worker(rank: int, config: Config, store_port: int, channel: ChannelEndpoint) -> None:
+def log_like_rank0(rank: int, level: int) -> None:
+    """A spawned process starts with no logging set up: show this package's records at rank 0's
+    level, marked with the rank."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"%(levelname)s %(name)s [rank {rank}]: %(message)s"))
+    package = logging.getLogger("nanovllm")
+    package.setLevel(level)
+    package.addHandler(handler)
+
+
+def run_worker(rank: int, config: Config, store_port: int, channel: ChannelEndpoint, log_level: int) -> None:
     """The worker process's entry point. Returns (the process exits) when rank 0 sends EXIT or is gone."""
+    log_like_rank0(rank, log_level)
     # Ctrl-C in a terminal reaches every process in the foreground group; rank 0 alone decides what
     # it means, and a worker dying mid-collective would take the engine down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

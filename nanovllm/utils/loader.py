@@ -1,6 +1,7 @@
 """Loads safetensors checkpoints (single file or sharded) into a model whose parameters carry
 their own `weight_loader`. Only safetensors are read: no pickle, no remote code."""
 import glob
+import math
 import os
 
 import torch
@@ -24,6 +25,16 @@ def check_safetensors_files(path: str) -> list[str]:
         except (SafetensorError, OSError) as e:
             raise ValueError(f"cannot read safetensors file {file!r} (truncated or corrupt?): {e}") from e
     return files
+
+
+def checkpoint_numel(path: str) -> int:
+    """Elements in the checkpoint's tensors, read from the headers alone (no tensor data)."""
+    total = 0
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        with safe_open(file, "pt", device="cpu") as f:
+            for name in f.keys():
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
 
 
 def _checkpoint_tensors(path: str):

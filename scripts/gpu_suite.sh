@@ -28,6 +28,8 @@ if [[ $what == bench || $what == all ]]; then
   bench prefill --num-seqs 64 --input-len 1024 --output-len 1
   python3 scripts/profile_step.py > "$OUT/profile_step.txt" 2>&1
   note "profile: $(tail -6 "$OUT/profile_step.txt" | tr -s ' ' | tr '\n' ';')"
+  python3 scripts/profile_kernels.py --batch-sizes 1 256 --top 25 > "$OUT/profile_kernels.txt" 2>&1
+  note "kernels: $(grep '^== batch' "$OUT/profile_kernels.txt" | tr '\n' ';')"
 fi
 echo; echo "card: $card  date: $(date -u +%F)"
 printf '%s\n' "${summary[@]}"

@@ -1,5 +1,5 @@
-"""Host cost of one engine step without the model: schedule + input preparation (InputBuilder, CPU
-tensors) + postprocess, at 64, 256 and 1024 running sequences, and whether host memory grows step
+"""Host cost of one engine step without the model: schedule + input preparation (InputBuilder and
+DecodeInputs, CPU tensors) + postprocess, at 64, 256 and 1024 running sequences, and whether host memory grows step
 after step.
 
 The workload keeps the batch full: each request has a 128-token prompt and 32-96 output tokens, and
@@ -19,6 +19,7 @@ import tracemalloc
 import torch
 
 from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.decode_inputs import DecodeInputs
 from nanovllm.engine.input_batch import InputBuilder
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
@@ -40,6 +41,7 @@ class Workload:
         self.scheduler = Scheduler(num_seqs, max(8192, num_seqs), BlockManager(num_seqs * blocks_per_seq, BLOCK_SIZE),
                                    (EOS,), PROMPT_LEN + MAX_OUT + 1)
         self.inputs = InputBuilder(BLOCK_SIZE, torch.device("cpu"))
+        self.decode_inputs = DecodeInputs(num_seqs, blocks_per_seq, BLOCK_SIZE, torch.device("cpu"))
         self.add(num_seqs)
 
     def add(self, count: int) -> None:
@@ -55,9 +57,11 @@ class Workload:
         t0 = time.perf_counter()
         seqs, is_prefill = self.scheduler.schedule()
         t1 = time.perf_counter()
-        batch = self.inputs.prefill(seqs) if is_prefill else self.inputs.decode(seqs)
+        batch = self.inputs.prefill(seqs) if is_prefill else self.decode_inputs.prepare(seqs, len(seqs))
         t2 = time.perf_counter()
         tokens = [self.rng.randrange(1, VOCAB) if sampled else None for sampled in batch.sampled]
+        if not is_prefill:
+            self.decode_inputs.sampled = torch.tensor(tokens)
         t3 = time.perf_counter()
         finished = self.scheduler.postprocess(seqs, tokens)
         t4 = time.perf_counter()

@@ -4,6 +4,7 @@
 """
 import argparse
 import tempfile
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -19,6 +20,7 @@ def main():
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--wall-steps", type=int, default=50, help="steps timed without the profiler")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         make_random_checkpoint(tmp, "qwen3-0.6b", dtype=torch.bfloat16, device="cuda", std=0.02)
@@ -35,6 +37,11 @@ def main():
         for _ in range(3):
             llm.step()
         torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.wall_steps):
+            llm.step()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3 / args.wall_steps
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):
                 llm.step()
@@ -42,8 +49,8 @@ def main():
         events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
         total = sum(e.self_device_time_total for e in events) / args.steps
         launches = sum(e.count for e in events) / args.steps
-        print(f"\n== batch {batch}, context {args.context}: GPU kernel time {total / 1e3:.3f} ms/step, "
-              f"{launches:.0f} kernels/step")
+        print(f"\n== batch {batch}, context {args.context}: wall {wall_ms:.3f} ms/step, GPU kernel time "
+              f"{total / 1e3:.3f} ms/step, {launches:.0f} kernels/step")
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.top]:
             print(f"{e.self_device_time_total / args.steps / 1e3:8.3f} ms {e.count // args.steps:5d}x  {e.key[:90]}")
         llm.scheduler.abort(seqs)

@@ -122,16 +122,21 @@ PENALTIES = [dict(repetition_penalty=1.3), dict(repetition_penalty=0.7), dict(pr
              dict(frequency_penalty=-0.6), dict(repetition_penalty=1.5, presence_penalty=-1.0, frequency_penalty=0.4)]
 
 
+@pytest.mark.parametrize("same_rows", [False, True], ids=["rows-rebuilt", "rows-advanced-on-device"])
 @pytest.mark.parametrize("penalties", PENALTIES, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
-def test_penalties_change_logits_as_transformers_and_openai_define_them(penalties):
-    """Step by step: the device history grows with each recorded token and matches the reference."""
+def test_penalties_change_logits_as_transformers_and_openai_define_them(penalties, same_rows):
+    """Step by step: the device history grows with each recorded token and matches the reference, whether
+    each step prepares its rows afresh or (same rows as the last step) advances them on the device."""
     params = SamplingParams(**penalties)
     plain = SamplingParams()
     seqs = seqs_for([plain, params, plain, params], prompt=PROMPT)
     state = PenaltyState()
     logits = torch.randn(4, V, generator=torch.Generator().manual_seed(2)) * 3
+    penalized = [(1, seqs[1]), (3, seqs[3])]
+    advanced_steps = 0
     for step, token in enumerate(GENERATED):
-        rows = state.prepare([(1, seqs[1]), (3, seqs[3])], V, torch.device("cpu"))
+        rows = state.prepare(penalized if same_rows else list(penalized), V, torch.device("cpu"))
+        advanced_steps += state.steps_advanced > 0
         out = logits.clone()
         state.apply(out, rows)
         expected = reference_penalties(logits[1], seqs[1].token_ids, len(PROMPT), params)
@@ -143,6 +148,8 @@ def test_penalties_change_logits_as_transformers_and_openai_define_them(penaltie
         state.record(rows, sampled)
         seqs[1].append_token(token)
         seqs[3].append_token(GENERATED[-1 - step])
+    # Advancing stops where the history must grow (a full prepare copies it into a wider buffer).
+    assert advanced_steps >= (3 if same_rows else 0) and (same_rows or advanced_steps == 0)
 
 
 def test_penalty_slots_are_freed_when_sequences_finish():
@@ -248,3 +255,14 @@ def test_greedy_row_with_top_p_never_redoes_the_full_vocabulary(monkeypatch):
     tokens = sample(logits.clone(), seqs)
     assert tokens[0] == int(logits[0].argmax()) and tokens[2] == 7
     assert len(calls) == 1  # the candidate pass only; no redo
+
+
+@pytest.mark.parametrize("params, reused", [(SamplingParams(top_k=5, repetition_penalty=1.2), True),
+                                            (SamplingParams(seed=3), False), (SamplingParams(min_tokens=2), False)])
+def test_a_steps_settings_are_reused_only_when_nothing_in_them_changes_per_step(params, reused):
+    """Seeded rows need a new uniform each step and min_tokens rows a new suppression set; the rest of
+    the settings carry over to the next step of the same sequences."""
+    sampler, seqs = Sampler(), seqs_for([params, SamplingParams()])
+    first = sampler._batch(seqs, (0,), V, torch.device("cpu"))
+    assert (sampler._batch(seqs, (0,), V, torch.device("cpu")) is first) == reused
+    assert sampler._batch(seqs[:1], (0,), V, torch.device("cpu")) is not first  # another batch

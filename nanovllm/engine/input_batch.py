@@ -1,4 +1,5 @@
-"""Turns a scheduled batch into the model's input tensors and the step's attention metadata."""
+"""Turns a scheduled prefill batch into the model's input tensors and the step's attention metadata
+(decode steps: decode_inputs.py)."""
 from dataclasses import dataclass
 from itertools import chain
 
@@ -13,7 +14,7 @@ class StepInputs:
     input_ids: torch.Tensor        # [N] int64
     positions: torch.Tensor        # [N] int64
     meta: AttentionMetadata
-    logits_indices: torch.Tensor   # [S] int64: rows of the hidden states to sample from
+    logits_indices: torch.Tensor | None  # [S] int64: rows of the hidden states to sample from; None: all
     sampled: list[bool]            # [B]: whether each sequence gets a token this step
 
 
@@ -61,9 +62,6 @@ class InputBuilder:
             position = block_end
         return slots
 
-    def _slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
-
     def prefill(self, seqs: list[Sequence]) -> StepInputs:
         input_ids, positions, slots, cu_seqlens_q, context_lens, logits_indices, sampled = [], [], [], [0], [], [], []
         for seq in seqs:
@@ -85,14 +83,3 @@ class InputBuilder:
             block_tables=tables.int().view(len(seqs), width), cu_seqlens_q=cu_q.int(),
             max_seqlen_q=max(s.num_scheduled_tokens for s in seqs), max_context_len=max(context_lens))
         return StepInputs(ids, pos, meta, logits_rows, sampled)
-
-    def decode(self, seqs: list[Sequence]) -> StepInputs:
-        """One query per sequence: its newest token, at position len(seq) - 1."""
-        context_lens = [len(seq) for seq in seqs]
-        block_tables, width = self._block_table_rows(seqs)
-        ids, pos, slot_mapping, lens, tables = self._upload(
-            [s.last_token for s in seqs], [n - 1 for n in context_lens],
-            [self._slot(s, len(s) - 1) for s in seqs], context_lens, block_tables)
-        meta = AttentionMetadata(is_prefill=False, slot_mapping=slot_mapping, context_lens=lens.int(),
-                                 block_tables=tables.int().view(len(seqs), width), max_context_len=max(context_lens))
-        return StepInputs(ids, pos, meta, torch.arange(len(seqs), device=self.device), [True] * len(seqs))

@@ -9,6 +9,7 @@ from nanovllm.attention import create_backend
 from nanovllm.config import Config
 from nanovllm.engine import kv_cache
 from nanovllm.engine.cuda_graph import DecodeGraphs
+from nanovllm.engine.decode_inputs import DecodeInputs
 from nanovllm.engine.input_batch import InputBuilder
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention
@@ -56,13 +57,15 @@ class ModelRunner:
         for layer in self.attention_layers:
             layer.backend = backend
         self.inputs = InputBuilder(config.kvcache_block_size, self.device)
+        self.decode_inputs = DecodeInputs(config.max_num_seqs, self.max_blocks_per_seq, config.kvcache_block_size,
+                                          self.device)
         self.num_kvcache_blocks = self._allocate_kv_cache()
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             captured = time.perf_counter()
             with torch.device(self.device), default_dtype(config.torch_dtype):
-                self.graphs = DecodeGraphs(self.model, config.max_num_seqs, self.max_blocks_per_seq,
-                                           hf.hidden_size, config.max_model_len)
+                self.graphs = DecodeGraphs(self.model, self.decode_inputs, config.max_num_seqs, hf.hidden_size,
+                                           config.max_model_len)
             logger.info("rank %d: %d decode CUDA graphs captured in %.1f s", group.rank, len(self.graphs.sizes),
                         time.perf_counter() - captured)
 
@@ -131,14 +134,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward_logits(self, seqs: list[Sequence], is_prefill: bool):
-        inputs = self.inputs.prefill(seqs) if is_prefill else self.inputs.decode(seqs)
+        graphed = not is_prefill and self.graphs is not None and self.graphs.fits(len(seqs))
+        if is_prefill:
+            inputs = self.inputs.prefill(seqs)
+        else:
+            inputs = self.decode_inputs.prepare(seqs, self.graphs.bucket(len(seqs)) if graphed else len(seqs))
         set_context(inputs.meta)
         try:
-            if not is_prefill and self.graphs is not None and self.graphs.fits(len(seqs)):
-                hidden = self.graphs.replay(inputs)
+            if graphed:
+                hidden = self.graphs.replay(len(seqs))
             else:
                 hidden = self.model(inputs.input_ids, inputs.positions)
-            return self.model.compute_logits(hidden[inputs.logits_indices]), inputs.sampled
+            if inputs.logits_indices is not None:
+                hidden = hidden[inputs.logits_indices]
+            return self.model.compute_logits(hidden), inputs.sampled
         finally:
             set_context(None)
 
@@ -156,6 +165,8 @@ class ModelRunner:
         if not sampling_seqs:
             return [None] * len(seqs), None
         output = self.sampler(logits, sampling_seqs, self.config.eos_token_ids)
+        if not is_prefill:  # the next decode step of the same batch takes its input ids from here
+            self.decode_inputs.sampled = output.device_token_ids
         token_ids, logprobs = iter(output.token_ids), iter(output.logprobs or ())
         return ([next(token_ids) if ok else None for ok in sampled],
                 [next(logprobs) if ok else None for ok in sampled] if output.logprobs else None)

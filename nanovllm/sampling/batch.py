@@ -26,6 +26,9 @@ class SamplingBatch:
     penalized: list[tuple[int, Sequence]]  # (row, sequence) for rows using penalties
     logprob_rows: list[int]
     logprob_counts: list[int]
+    # Nothing in it changes from step to step (no seeded rows, no min_tokens): the next step of the
+    # same sequences can reuse it as it is.
+    reusable: bool = False
 
     @classmethod
     def build(cls, seqs: list[Sequence], eos_token_ids: tuple[int, ...], vocab_size: int,
@@ -33,6 +36,7 @@ class SamplingBatch:
         # One pass with only cheap work for rows that use no extra control: it runs every step.
         temperature, top_k, top_p, min_p = [], [], [], []
         candidate_rows, uniforms, suppressed, penalized, logprob_rows, logprob_counts = [], [], [], [], [], []
+        any_min_tokens = False
         for row, seq in enumerate(seqs):
             p = seq.sampling_params
             temperature.append(p.temperature)
@@ -44,6 +48,7 @@ class SamplingBatch:
             # A seed matters only when sampling; a greedy row stays greedy.
             uniforms.append(-1.0 if p.seed is None or not p.temperature
                             else seeded_uniform(p.seed, seq.sample_index, seq.num_completion_tokens))
+            any_min_tokens = any_min_tokens or p.min_tokens > 0
             if p.min_tokens and seq.num_completion_tokens < p.min_tokens:
                 eos = () if p.ignore_eos else eos_token_ids
                 suppressed += [(row, t) for t in (*(p.stop_token_ids or ()), *eos)]
@@ -68,4 +73,5 @@ class SamplingBatch:
             else to_device(candidate_rows, torch.int64, device),
             full_normalizer=any(top_k[r] <= 0 for r in candidate_rows),
             suppressed=tuple(to_device(list(zip(*suppressed)), torch.int64, device)) if suppressed else None,
-            penalized=penalized, logprob_rows=logprob_rows, logprob_counts=logprob_counts)
+            penalized=penalized, logprob_rows=logprob_rows, logprob_counts=logprob_counts,
+            reusable=not num_seeded and not any_min_tokens)

@@ -36,8 +36,14 @@ class PenaltyState:
         self.history: torch.Tensor | None = None  # [slots, width] int32: the slot's tokens
         self.counts: torch.Tensor | None = None   # [slots, V] int32: times each token was generated
         self.free_slots: list[int] = []
-        # seq_id -> (slot, sequence, tokens the device history will hold after this step's record)
+        # seq_id -> (slot, sequence, tokens the device history will hold after this step's record),
+        # as of the last full prepare; the steps advanced since then are added when it is next needed.
         self.entries: dict[int, tuple[int, Sequence, int]] = {}
+        # The last step's rows: the next step of the same rows advances them on the device.
+        self.last_penalized: list[tuple[int, Sequence]] | None = None
+        self.last_rows: PenaltyRows | None = None
+        self.last_recorded = False
+        self.steps_advanced = 0
 
     def _grow(self, num_slots: int, width: int, vocab_size: int, device: torch.device) -> None:
         old_slots, old_width = (0, 0) if self.history is None else self.history.shape
@@ -65,7 +71,16 @@ class PenaltyState:
             self.counts[slot].index_add_(0, generated, torch.ones_like(generated, dtype=torch.int32))
 
     def prepare(self, penalized: list[tuple[int, Sequence]], vocab_size: int, device: torch.device) -> PenaltyRows:
-        """penalized: (batch row, sequence) pairs. Gives new sequences a slot and their history."""
+        """penalized: (batch row, sequence) pairs. Gives new sequences a slot and their history.
+        The same list as last step (a reused SamplingBatch), recorded: each history grew by one token."""
+        recorded, self.last_recorded = self.last_recorded, False
+        rows = self.last_rows
+        if penalized is self.last_penalized and recorded and rows.max_length + 1 < self.history.shape[1]:
+            rows.lengths += 1
+            rows.max_length += 1
+            self.steps_advanced += 1
+            return rows
+        self._catch_up_entries()
         self.release_finished()
         new = sum(1 for _, seq in penalized if seq.seq_id not in self.entries)
         self._grow(len(self.entries) + new, max(len(seq) for _, seq in penalized) + 1, vocab_size, device)
@@ -85,8 +100,19 @@ class PenaltyState:
             frequency.append(p.frequency_penalty)
         ints = _to_device([rows, slots, lengths], torch.int64, device)
         floats = _to_device([repetition, presence, frequency], torch.float32, device)
-        return PenaltyRows(*ints, *floats, max(lengths), any_repetition=any(r != 1.0 for r in repetition),
-                           any_presence_or_frequency=any(presence) or any(frequency))
+        self.last_penalized = penalized
+        self.last_rows = PenaltyRows(*ints, *floats, max(lengths), any_repetition=any(r != 1.0 for r in repetition),
+                                     any_presence_or_frequency=any(presence) or any(frequency))
+        return self.last_rows
+
+    def _catch_up_entries(self) -> None:
+        """Add the steps advanced without a full prepare to the expected lengths of the rows they ran."""
+        if self.steps_advanced:
+            for _, seq in self.last_penalized:
+                entry = self.entries.get(seq.seq_id)  # None: finished and released since
+                if entry is not None:
+                    self.entries[seq.seq_id] = (entry[0], seq, entry[2] + self.steps_advanced)
+            self.steps_advanced = 0
 
     def apply(self, logits: torch.Tensor, rows: PenaltyRows) -> None:
         """In place on logits [B, V], in vLLM's order: repetition, then presence and frequency."""
@@ -107,6 +133,7 @@ class PenaltyState:
 
     def record(self, rows: PenaltyRows, token_ids: torch.Tensor) -> None:
         """Append this step's sampled tokens (token_ids [B] on the device) to the histories."""
+        self.last_recorded = True
         sampled = token_ids.index_select(0, rows.rows)
         self.history[rows.slots, rows.lengths] = sampled.int()
         self.counts.index_put_((rows.slots, sampled), torch.ones_like(sampled, dtype=torch.int32), accumulate=True)

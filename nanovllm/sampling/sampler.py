@@ -17,6 +17,7 @@ from nanovllm.sampling.penalties import PenaltyState
 @dataclass
 class SamplerOutput:
     token_ids: list[int]                              # [B]
+    device_token_ids: torch.Tensor                    # [B] int64, the same ids on the device
     logprobs: list[dict[int, float] | None] | None    # [B] when some row asked, else None
 
 
@@ -24,11 +25,23 @@ class Sampler(nn.Module):
     def __init__(self):
         super().__init__()
         self.penalty_state = PenaltyState()
+        self.last_seq_ids: list[int] = []
+        self.last_batch: SamplingBatch | None = None
+
+    def _batch(self, seqs: list[Sequence], eos_token_ids: tuple[int, ...], vocab_size: int,
+               device: torch.device) -> SamplingBatch:
+        """This step's settings: the last step's when it sampled the same sequences and its settings do
+        not change from step to step (the common decode step: no host pass over the rows)."""
+        seq_ids = [seq.seq_id for seq in seqs]
+        if self.last_batch is not None and self.last_batch.reusable and seq_ids == self.last_seq_ids:
+            return self.last_batch
+        self.last_seq_ids, self.last_batch = seq_ids, SamplingBatch.build(seqs, eos_token_ids, vocab_size, device)
+        return self.last_batch
 
     def forward(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> SamplerOutput:
         """logits: [B, V], row b for seqs[b]. The logits may be changed in place."""
         vocab_size = logits.shape[1]
-        batch = SamplingBatch.build(seqs, eos_token_ids, vocab_size, logits.device)
+        batch = self._batch(seqs, eos_token_ids, vocab_size, logits.device)
         logits = logits.float()
         raw = RawLogprobs.compute(logits, batch.logprob_rows, batch.logprob_counts) if batch.logprob_rows else None
         if batch.suppressed is not None:
@@ -43,7 +56,7 @@ class Sampler(nn.Module):
         host_ids = self._read(token_ids, needs_full_sort, logits, batch)
         if penalty_rows is not None:
             self.penalty_state.record(penalty_rows, token_ids)
-        return SamplerOutput(host_ids, raw.read(token_ids, len(seqs)) if raw else None)
+        return SamplerOutput(host_ids, token_ids, raw.read(token_ids, len(seqs)) if raw else None)
 
     @staticmethod
     def _sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:

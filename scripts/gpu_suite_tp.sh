@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# One call on a 2-GPU machine: tensor-parallel GPU tests, the Qwen3-8B TP=1 vs TP=2 benchmarks and the
-# data-parallel batch-job benchmark, inside a time budget (BUDGET seconds, default 570); logs under $OUT,
-# a table last. Every Python process prints its stacks every STACKS_EVERY_S seconds, so a hang shows where.
+# One call on a 2-GPU machine, inside a time budget (BUDGET seconds, default 560); logs under $OUT, a table last.
+#   bash scripts/gpu_suite_tp.sh [dp] [smoke] [tests] [gpu1tests] [bench8b]   (default: all, in this order)
+# dp: the data-parallel batch-job benchmark; smoke: tensor parallelism step by step (scripts/tp_smoke.py);
+# tests: the tensor-parallel GPU tests; gpu1tests: the one-GPU engine and memory tests; bench8b: Qwen3-8B TP=1 vs TP=2. tests and bench8b run only if the
+# smoke run passed. Every Python process prints its stacks every STACKS_EVERY_S seconds, so a hang shows where.
 set -u
 export PYTHONPATH=$PWD:$PWD/scripts/debug_site NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export STACKS_EVERY_S=${STACKS_EVERY_S:-100}
+export STACKS_EVERY_S=${STACKS_EVERY_S:-60} NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-570}
+parts=" ${*:-dp smoke tests gpu1tests bench8b} "
 summary=()
 note() { summary+=("$1"); echo "== $1 (t=${SECONDS}s)"; }
 # limited LIMIT LOG CMD...: run CMD with a timeout of min(LIMIT, what the budget has left), or skip it.
@@ -16,13 +19,30 @@ limited() {
   if ((left < 30)); then echo "skipped: budget spent" > "$log"; return 124; fi
   timeout $((limit < left ? limit : left)) "$@" > "$log" 2>&1
 }
-nvidia-smi -L; free -g | head -2
-limited 240 "$OUT/tp_tests.txt" python3 -m pytest -q -x -m cuda tests/test_tensor_parallel_cuda.py \
-  -o log_cli=true --log-cli-level=INFO --durations=5
-tp_ok=$?
-note "TP cuda tests (rc $tp_ok): $(grep -E 'passed|failed|error' "$OUT/tp_tests.txt" | tail -1)"
-grep -E "^E .*(Error|assert)|captured in|loaded in|warm-up" "$OUT/tp_tests.txt" | head -12
-if ((tp_ok == 0)); then
+nvidia-smi -L
+if [[ $parts == *" dp "* ]]; then
+  limited 200 "$OUT/dp.txt" python3 scripts/bench_data_parallel.py
+  note "DP (rc $?): $(grep -v INFO "$OUT/dp.txt" | tail -4 | tr -s ' ' | tr '\n' ';')"
+fi
+smoke_ok=1
+if [[ $parts == *" smoke "* ]]; then
+  limited 150 "$OUT/tp_smoke.txt" python3 scripts/tp_smoke.py
+  smoke_ok=$?
+  note "TP smoke (rc $smoke_ok): $(grep -E '^[0-9:]{8} ' "$OUT/tp_smoke.txt" | tail -3 | tr '\n' ';')"
+  ((smoke_ok == 0)) || grep -v "^INFO\|nanovllm.engine.model_runner" "$OUT/tp_smoke.txt" | tail -60
+fi
+if [[ $parts == *" tests "* ]] && ((smoke_ok == 0)); then
+  limited 220 "$OUT/tp_tests.txt" python3 -m pytest -q -s -x -m cuda tests/test_tensor_parallel_cuda.py \
+    -o faulthandler_timeout=0 --durations=5
+  note "TP cuda tests (rc $?): $(grep -E 'passed|failed|error' "$OUT/tp_tests.txt" | tail -1)"
+  grep -E "^E .*(Error|assert)" "$OUT/tp_tests.txt" | head -12
+fi
+if [[ $parts == *" gpu1tests "* ]]; then
+  limited 150 "$OUT/gpu1_tests.txt" python3 -m pytest -q -m cuda tests/test_engine_cuda.py tests/test_memory_cuda.py
+  note "one-GPU engine tests (rc $?): $(tail -1 "$OUT/gpu1_tests.txt")"
+  grep -E "^E .*(Error|assert)" "$OUT/gpu1_tests.txt" | head -8
+fi
+if [[ $parts == *" bench8b "* ]] && ((smoke_ok == 0)); then
   limited 90 "$OUT/make_8b.txt" python3 - <<'PY'
 import torch
 from nanovllm.testing.checkpoints import make_random_checkpoint
@@ -37,10 +57,8 @@ PY
   done
   for tp in 2 1; do
     limited 150 "$OUT/tp${tp}_full.txt" python3 bench.py --model /tmp/qwen3-8b --tensor-parallel-size $tp
-    note "8B TP=$tp full: $(grep -E 'output tok/s|seconds|fraction' "$OUT/tp${tp}_full.txt" | tr -s ' ' | tr '\n' ';')"
+    note "8B TP=$tp full: $(grep -E 'output tok/s|  seconds|fraction|start-up' "$OUT/tp${tp}_full.txt" | tr -s ' ' | tr '\n' ';')"
   done
 fi
-limited 240 "$OUT/dp.txt" python3 scripts/bench_data_parallel.py
-note "DP: $(tail -4 "$OUT/dp.txt" | tr -s ' ' | tr '\n' ';')"
 echo; echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) x$(nvidia-smi -L | wc -l)  date: $(date -u +%F)"
 printf '%s\n' "${summary[@]}"

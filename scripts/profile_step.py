@@ -43,7 +43,7 @@ def main():
         llm = LLM(tmp)
     times = {name: [] for name in ("schedule", "prepare", "run", "postprocess", "step")}
     timed(llm.scheduler, "schedule", times["schedule"])
-    timed(llm.model_runner.inputs, "decode", times["prepare"])
+    timed(llm.model_runner.decode_inputs, "prepare", times["prepare"])
     timed(llm.model_runner, "run", times["run"])
     timed(llm.scheduler, "postprocess", times["postprocess"])
     timed(llm, "step", times["step"])

@@ -43,7 +43,9 @@ GPU_MODEL_SHAPE = {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_la
 
 
 def make_gpu_model(path: str) -> str:
-    make_random_checkpoint(path, overrides=GPU_MODEL_SHAPE, dtype=torch.bfloat16, device="cuda", std=0.05)
+    # head_spread: peaky logits, so that bf16 rounding flips few greedy choices (near-ties are rare).
+    make_random_checkpoint(path, overrides=GPU_MODEL_SHAPE, dtype=torch.bfloat16, device="cuda", std=0.05,
+                           head_spread=1.0)
     train_tokenizer(path)
     return path
 

@@ -25,8 +25,10 @@ def shape_config(shape: str) -> dict:
     return json.loads(resources.files("nanovllm.testing").joinpath(f"configs/{shape}.json").read_text())
 
 
-def random_state_dict(config: dict, dtype: torch.dtype, device: str, std: float, seed: int):
-    """Hugging Face tensor names -> random tensors. Norm weights are ~1, as in trained models."""
+def random_state_dict(config: dict, dtype: torch.dtype, device: str, std: float, seed: int, head_spread: float = 0.0):
+    """Hugging Face tensor names -> random tensors. Norm weights are ~1, as in trained models.
+    head_spread: the untied LM head's rows get norms exp(head_spread * N(0, 1)), so a few tokens lead
+    each distribution clearly (peaky logits, as in trained models); 0 leaves every row alike."""
     gen = torch.Generator(device).manual_seed(seed)
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
@@ -41,7 +43,8 @@ def random_state_dict(config: dict, dtype: torch.dtype, device: str, std: float,
     tensors = {"model.embed_tokens.weight": normal(config["vocab_size"], hidden, scale=1.0),
                "model.norm.weight": norm_weight(hidden)}
     if not config.get("tie_word_embeddings", False):
-        tensors["lm_head.weight"] = normal(config["vocab_size"], hidden, scale=1.0)
+        row_scale = torch.exp(head_spread * torch.randn(config["vocab_size"], 1, generator=gen, device=device))
+        tensors["lm_head.weight"] = normal(config["vocab_size"], hidden, scale=row_scale)
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         tensors |= {
@@ -82,16 +85,17 @@ def save_sharded(tensors: dict, path: str, max_shard_bytes: int = MAX_SHARD_BYTE
 
 def make_random_checkpoint(path: str, shape: str = "tiny", dtype: torch.dtype = torch.float32,
                            overrides: dict | None = None, device: str = "cpu", std: float = 0.3,
-                           seed: int = 0, max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
+                           seed: int = 0, max_shard_bytes: int = MAX_SHARD_BYTES, head_spread: float = 0.0) -> str:
     """Write config.json and random safetensors weights for a Qwen3 of the given shape to path.
 
     std scales the projection weights; embeddings use std 1 so logits are peaked (few near-ties),
-    which keeps greedy comparisons between implementations meaningful.
+    which keeps greedy comparisons between implementations meaningful; head_spread (untied heads)
+    makes them peakier still (see random_state_dict).
     """
     config = shape_config(shape) | (overrides or {})
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    save_sharded(random_state_dict(config, dtype, device, std, seed), path, max_shard_bytes)
+    save_sharded(random_state_dict(config, dtype, device, std, seed, head_spread), path, max_shard_bytes)
     return path

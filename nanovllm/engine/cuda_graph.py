@@ -55,6 +55,13 @@ class DecodeGraphs:
             set_context(None)
         torch.cuda.synchronize()
 
+    def release(self) -> None:
+        """Free every graph now. Graphs that captured NCCL collectives hold references on the
+        communicator, and NCCL's shutdown waits until they are gone."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+
     def fits(self, batch_size: int) -> bool:
         return batch_size <= self.sizes[-1]
 

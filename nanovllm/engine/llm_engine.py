@@ -1,6 +1,7 @@
 """Request intake, the step loop, detokenization and outputs."""
 import logging
 import time
+import weakref
 from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
 from contextlib import closing
@@ -39,6 +40,7 @@ class LLMEngine:
         else:
             with self.workers.lockstep():
                 self.model_runner = ModelRunner(config, self.workers.group)
+            self.workers.rank0_runner = weakref.ref(self.model_runner)
         self.block_manager = BlockManager(self.model_runner.num_kvcache_blocks, config.kvcache_block_size)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.block_manager,
                                    config.eos_token_ids, config.max_model_len)

@@ -69,6 +69,13 @@ class ModelRunner:
             logger.info("rank %d: %d decode CUDA graphs captured in %.1f s", group.rank, len(self.graphs.sizes),
                         time.perf_counter() - captured)
 
+    def release_graphs(self) -> None:
+        """Free the CUDA graphs; decode runs eagerly afterwards. Needed before a tensor-parallel
+        group shuts down (see DecodeGraphs.release)."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     @property
     def max_blocks_per_seq(self) -> int:
         return -(-self.config.max_model_len // self.config.kvcache_block_size)

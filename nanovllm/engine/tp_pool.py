@@ -71,6 +71,9 @@ class WorkerPool:
         self._stop_watchdog = None
         self._threads_before: int | None = None
         self._reaping = threading.Lock()  # the watchdog and the engine's thread both reap workers
+        # Rank 0's model runner (weakly: the pool must not keep the engine alive), whose CUDA graphs
+        # close() frees before the group shuts down.
+        self.rank0_runner: Callable[[], object] = lambda: None
         _open_pools.add(self)
         try:
             store = open_store(0, world)
@@ -186,7 +189,12 @@ class WorkerPool:
             except WorkerGone:
                 pass
         group = getattr(self, "group", None)
+        runner = self.rank0_runner()
+        if runner is not None:  # NCCL's shutdown waits for graphs that captured its collectives
+            runner.release_graphs()
         if group is not None and graceful:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             group.group.shutdown()
         elif group is not None:
             group.group.abort()

@@ -69,7 +69,7 @@ def run_worker(rank: int, config: Config, store_port: int, channel: ChannelEndpo
         torch.set_num_threads(cpu_threads_per_rank(config.tensor_parallel_size))
     group = create_group(open_store(rank, config.tensor_parallel_size, store_port), rank,
                          config.tensor_parallel_size, device)
-    finished = False
+    finished, runner = False, None
     try:
         runner = ModelRunner(config, group)
         mirror = SequenceMirror(config.kvcache_block_size)
@@ -84,6 +84,10 @@ def run_worker(rank: int, config: Config, store_port: int, channel: ChannelEndpo
     finally:
         # A clean exit lets pending collectives drain; otherwise abort: the peers may never join.
         if finished:
+            if runner is not None:  # NCCL's shutdown waits for graphs that captured its collectives
+                runner.release_graphs()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             group.group.shutdown()
         else:
             group.group.abort()

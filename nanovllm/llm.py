@@ -20,6 +20,12 @@ def _free_unreferenced_device_memory() -> None:
     # keeps their memory until emptied. Both must happen before a new engine measures free memory.
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # cuBLAS keeps a workspace per stream the engine ran matmuls on (32 MiB each on Hopper; the
+        # CUDA graphs' capture stream is one), allocated from the caching allocator; the next
+        # matmul allocates it again.
+        clear_cublas_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_cublas_workspaces is not None:
+            clear_cublas_workspaces()
         torch.cuda.empty_cache()
 
 

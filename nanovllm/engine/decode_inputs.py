@@ -86,12 +86,15 @@ class DecodeInputs:
         if opening:
             self._open_blocks(seqs, opening)
 
+    def to_device(self, values: list) -> torch.Tensor:
+        """An int64 device tensor of values (a list, or a list of equal-length lists), copied asynchronously."""
+        return torch.tensor(values, dtype=torch.int64, pin_memory=self.on_cuda).to(self.device, non_blocking=True)
+
     def _open_blocks(self, seqs: list[Sequence], rows: list[int]) -> None:
         """The new token of each of rows sits at offset 0 of a block the scheduler just appended."""
         columns = [(len(seqs[row]) - 1) // self.block_size for row in rows]
         blocks = [seqs[row].block_table[column] for row, column in zip(rows, columns)]
-        patch = torch.tensor([rows, columns, blocks], dtype=torch.int64, pin_memory=self.on_cuda)
-        rows_d, columns_d, blocks_d = patch.to(self.device, non_blocking=True)
+        rows_d, columns_d, blocks_d = self.to_device([rows, columns, blocks])
         self.block_tables[rows_d, columns_d] = blocks_d.int()
         self.slots[rows_d] = blocks_d * self.block_size
         self.table_width = max(self.table_width, max(columns) + 1)

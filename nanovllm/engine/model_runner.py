@@ -159,7 +159,11 @@ class ModelRunner:
             set_context(None)
 
     def run_without_sampling(self, seqs: list[Sequence], is_prefill: bool) -> None:
-        """Ranks > 0: the step's forward pass, which its collectives need; rank 0 samples."""
+        """Ranks > 0: the step's forward pass, which its collectives need; rank 0 samples. A decode
+        step's input ids are what rank 0 sampled last; handed over as such, they let a step of the
+        same batch advance its inputs on the device, as rank 0's does."""
+        if not is_prefill:
+            self.decode_inputs.sampled = self.decode_inputs.to_device([seq.token_ids[-1] for seq in seqs])
         self._forward_logits(seqs, is_prefill)
 
     @torch.inference_mode()

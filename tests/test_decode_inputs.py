@@ -1,6 +1,6 @@
 """Persistent decode inputs: a step that advances the previous batch's buffers on the device gives
-exactly the inputs that writing the batch from scratch gives, across block openings, padding and
-batches that change."""
+exactly the inputs that writing the batch from scratch gives, across block openings, padding,
+batches that lose rows and batches that change."""
 import random
 
 import torch
@@ -38,11 +38,16 @@ def test_advancing_gives_the_inputs_a_rewrite_gives():
         return seq
 
     inputs = DecodeInputs(MAX_ROWS, MAX_BLOCKS, BLOCK_SIZE, torch.device("cpu"))
-    batch = [new_seq() for _ in range(5)]
+    kept_rows_calls = []
+    keep_rows = inputs._keep_rows
+    inputs._keep_rows = lambda *args: kept_rows_calls.append(1) or keep_rows(*args)
+    batch = [new_seq() for _ in range(6)]
     advanced = 0
-    for step in range(60):
+    for step in range(80):
         if step % 17 == 16:  # the batch changes: one leaves, two join
             batch = batch[1:] + [new_seq(), new_seq()]
+        elif step % 7 == 6 and len(batch) > 1:  # a sequence finishes: the others keep their order
+            del batch[rng.randrange(len(batch))]
         padded_rows = 8 if len(batch) > 4 else 4
         advanced += inputs.seq_ids is not None and inputs.sampled is not None and padded_rows <= inputs.padded_rows
         step_inputs = inputs.prepare(batch, padded_rows)
@@ -61,7 +66,8 @@ def test_advancing_gives_the_inputs_a_rewrite_gives():
             seq.token_ids.append(token)
             grow_table(seq)
         inputs.sampled = torch.tensor(sampled)
-    assert advanced > 40  # most steps took the fast path, including block openings (every 4 tokens)
+    assert advanced > 60  # most steps took the fast path, including block openings (every 4 tokens)
+    assert len(kept_rows_calls) >= 5  # ... and steps after a sequence left
 
 
 def test_a_step_whose_sampling_never_finished_is_rewritten():

@@ -122,11 +122,12 @@ PENALTIES = [dict(repetition_penalty=1.3), dict(repetition_penalty=0.7), dict(pr
              dict(frequency_penalty=-0.6), dict(repetition_penalty=1.5, presence_penalty=-1.0, frequency_penalty=0.4)]
 
 
-@pytest.mark.parametrize("same_rows", [False, True], ids=["rows-rebuilt", "rows-advanced-on-device"])
+@pytest.mark.parametrize("same_rows", [False, True], ids=["new-row-list", "same-row-list"])
 @pytest.mark.parametrize("penalties", PENALTIES, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
 def test_penalties_change_logits_as_transformers_and_openai_define_them(penalties, same_rows):
     """Step by step: the device history grows with each recorded token and matches the reference, whether
-    each step prepares its rows afresh or (same rows as the last step) advances them on the device."""
+    each step passes the same row list as the last (a reused SamplingBatch) or a new list of the same rows;
+    either way the rows are carried over on the device."""
     params = SamplingParams(**penalties)
     plain = SamplingParams()
     seqs = seqs_for([plain, params, plain, params], prompt=PROMPT)
@@ -148,8 +149,8 @@ def test_penalties_change_logits_as_transformers_and_openai_define_them(penaltie
         state.record(rows, sampled)
         seqs[1].append_token(token)
         seqs[3].append_token(GENERATED[-1 - step])
-    # Advancing stops where the history must grow (a full prepare copies it into a wider buffer).
-    assert advanced_steps >= (3 if same_rows else 0) and (same_rows or advanced_steps == 0)
+    # Carrying over stops where the history must grow (a full prepare copies it into a wider buffer).
+    assert advanced_steps >= 3
 
 
 def test_penalty_slots_are_freed_when_sequences_finish():
@@ -266,3 +267,43 @@ def test_a_steps_settings_are_reused_only_when_nothing_in_them_changes_per_step(
     first = sampler._batch(seqs, (0,), V, torch.device("cpu"))
     assert (sampler._batch(seqs, (0,), V, torch.device("cpu")) is first) == reused
     assert sampler._batch(seqs[:1], (0,), V, torch.device("cpu")) is not first  # another batch
+
+
+def test_penalty_rows_of_a_batch_that_lost_rows_carry_over():
+    """Sequences finish between steps: the rows left carry their histories over on the device and still
+    get exactly the reference penalties."""
+    params = SamplingParams(repetition_penalty=1.5, presence_penalty=-1.0, frequency_penalty=0.4)
+    batch = seqs_for([params] * 3, prompt=PROMPT)
+    state = PenaltyState()
+    carried = []
+    keep_rows = state._keep_rows
+    state._keep_rows = lambda *args: carried.append(1) or keep_rows(*args)
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(3)) * 3
+    for step in range(len(GENERATED)):
+        if step in (2, 4):  # the first, then the middle sequence finished
+            batch = batch[1:] if step == 2 else batch[:1] + batch[2:]
+        rows = state.prepare(list(enumerate(batch)), V, torch.device("cpu"))
+        out = logits[:len(batch)].clone()
+        state.apply(out, rows)
+        for row, seq in enumerate(batch):
+            torch.testing.assert_close(out[row], reference_penalties(logits[row], seq.token_ids, len(PROMPT), params),
+                                       rtol=0, atol=1e-6)
+        sampled = [GENERATED[(step + row) % len(GENERATED)] for row in range(len(batch))]
+        state.record(rows, torch.tensor(sampled))
+        for seq, token in zip(batch, sampled):
+            seq.append_token(token)
+    assert len(carried) >= 2
+
+
+def test_settings_of_a_batch_that_lost_rows_equal_freshly_built_ones():
+    from nanovllm.sampling.batch import SamplingBatch
+    params = [SamplingParams(top_k=5, repetition_penalty=1.2, logprobs=2), SamplingParams(temperature=0.5, top_k=3),
+              SamplingParams(top_k=7, top_p=0.8, logprobs=1)]
+    seqs, sampler, cpu = seqs_for(params), Sampler(), torch.device("cpu")
+    sampler._batch(seqs, (0,), V, cpu)
+    derived = sampler._batch([seqs[0], seqs[2]], (0,), V, cpu)
+    built = SamplingBatch.build([seqs[0], seqs[2]], (0,), V, cpu)
+    for name in ("temperature", "top_k", "top_p", "min_p"):
+        assert torch.equal(getattr(derived.params, name), getattr(built.params, name)), name
+    assert derived.penalized == built.penalized
+    assert (derived.logprob_rows, derived.logprob_counts) == (built.logprob_rows, built.logprob_counts) == ([0, 1], [2, 1])

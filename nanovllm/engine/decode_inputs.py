@@ -5,7 +5,8 @@ the previous decode step's (the same sequences in the same order) and that step'
 on the device, every input is the previous one advanced by one token: the input ids are the sampled
 ids, positions, cache slots and context lengths grow by one. That step does no per-sequence host
 work and no upload, only three small kernels, plus a small patch for the sequences whose new token
-opens a KV block (their slot jumps to the new block, and the block joins their table row). Any other
+opens a KV block (their slot jumps to the new block, and the block joins their table row). A batch
+that only lost rows since (sequences finished) first moves its kept rows up on the device. Any other
 batch is written on the host and sent in one copy.
 
 Layout of the buffer, for R rows and M blocks per sequence: int64 [3, R] (input ids, positions,
@@ -19,6 +20,7 @@ import torch
 
 from nanovllm.engine.input_batch import StepInputs
 from nanovllm.engine.sequence import Sequence
+from nanovllm.utils.batch_rows import kept_rows
 from nanovllm.utils.context import AttentionMetadata
 
 
@@ -34,7 +36,7 @@ class DecodeInputs:
         self.copy_done = torch.cuda.Event() if self.on_cuda else None
         # Device views; rows [:B] of each are one step's inputs.
         (self.input_ids, self.positions, self.slots), self.context_lens, self.block_tables = self._views(self.arena)
-        self._positions_and_slots = self.arena[:self._int64_bytes].view(torch.int64).view(3, rows)[1:]
+        self._int64_rows = self.arena[:self._int64_bytes].view(torch.int64).view(3, rows)  # ids, positions, slots
         self.host.zero_()
         for buffer in (self.arena, self.host):  # padding everywhere until a batch is written
             (_, _, slots), _, tables = self._views(buffer)
@@ -63,11 +65,16 @@ class DecodeInputs:
     def prepare(self, seqs: list[Sequence], padded_rows: int) -> StepInputs:
         """The step's inputs for seqs (B <= padded_rows <= max_rows rows); rows [B, padded_rows) padding."""
         sampled, self.sampled = self.sampled, None
-        if (sampled is not None and padded_rows <= self.padded_rows and self.seq_ids is not None
-                and len(seqs) == len(self.seq_ids) and self.seq_ids == [seq.seq_id for seq in seqs]):
-            self._advance(seqs, sampled)
+        seq_ids = [seq.seq_id for seq in seqs]
+        kept = None
+        if sampled is not None and self.seq_ids is not None and padded_rows <= self.padded_rows:
+            kept = kept_rows(self.seq_ids, seq_ids)
+        if kept is None:
+            self._write(seqs, seq_ids, padded_rows)
         else:
-            self._write(seqs, padded_rows)
+            if len(kept) < len(self.seq_ids):
+                sampled = self._keep_rows(seqs, seq_ids, kept, sampled)
+            self._advance(seqs, sampled)
         num_rows = len(seqs)
         meta = AttentionMetadata(is_prefill=False, slot_mapping=self.slots[:num_rows],
                                  context_lens=self.context_lens[:num_rows],
@@ -75,10 +82,32 @@ class DecodeInputs:
                                  max_context_len=self.max_context_len)
         return StepInputs(self.input_ids[:num_rows], self.positions[:num_rows], meta, None, [True] * num_rows)
 
+    def _keep_rows(self, seqs: list[Sequence], seq_ids: list[int], kept: list[int],
+                   sampled: torch.Tensor) -> torch.Tensor:
+        """The batch lost rows: move the kept ones (kept[i]: the old row of row i) up, in order, and
+        pad the rows they leave. Returns the kept rows' sampled ids."""
+        num_rows, old_rows = len(kept), len(self.seq_ids)
+        index = self.to_device(kept)
+        int64_rows = self._int64_rows
+        int64_rows[:, :num_rows] = int64_rows[:, index]
+        self.context_lens[:num_rows] = self.context_lens[index]
+        self.block_tables[:num_rows] = self.block_tables[index]
+        int64_rows[:2, num_rows:old_rows] = 0
+        self.slots[num_rows:old_rows] = -1
+        self.context_lens[num_rows:old_rows] = 0
+        self.block_tables[num_rows:old_rows] = -1
+        new_row = {old: new for new, old in enumerate(kept)}
+        self.block_starts = {step: [new_row[row] for row in rows if row in new_row]
+                             for step, rows in self.block_starts.items()}
+        self.seq_ids = seq_ids
+        self.table_width = max(len(seq.block_table) for seq in seqs)
+        self.max_context_len = max(len(seq) for seq in seqs) - 1  # _advance adds this step's token
+        return sampled[index]
+
     def _advance(self, seqs: list[Sequence], sampled: torch.Tensor) -> None:
         num_rows = len(seqs)
         self.input_ids[:num_rows].copy_(sampled)
-        self._positions_and_slots[:, :num_rows] += 1
+        self._int64_rows[1:, :num_rows] += 1  # positions and slots
         self.context_lens[:num_rows] += 1
         self.max_context_len += 1
         self.step += 1
@@ -101,7 +130,7 @@ class DecodeInputs:
         self.written_width = max(self.written_width, self.table_width)
         self.block_starts.setdefault(self.step + self.block_size, []).extend(rows)
 
-    def _write(self, seqs: list[Sequence], padded_rows: int) -> None:
+    def _write(self, seqs: list[Sequence], seq_ids: list[int], padded_rows: int) -> None:
         num_rows, block_size = len(seqs), self.block_size
         if self.copy_done is not None:
             self.copy_done.synchronize()  # the previous upload must have left the host buffer
@@ -126,7 +155,7 @@ class DecodeInputs:
         self.arena[:end].copy_(self.host[:end], non_blocking=True)
         if self.copy_done is not None:
             self.copy_done.record()
-        self.seq_ids = [seq.seq_id for seq in seqs]
+        self.seq_ids = seq_ids
         self.padded_rows = padded_rows
         self.max_context_len = max(lengths)
         # A token opens a block when its position is a multiple of block_size: the k-th step from now.

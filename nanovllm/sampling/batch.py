@@ -1,6 +1,6 @@
 """One step's sampling settings: read from the sequences in one host pass, moved to the device in a few
 packed copies, with host-side flags that let the sampler skip every step no row needs."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,6 +29,19 @@ class SamplingBatch:
     # Nothing in it changes from step to step (no seeded rows, no min_tokens): the next step of the
     # same sequences can reuse it as it is.
     reusable: bool = False
+
+    def keep_rows(self, kept: list[int], device: torch.device) -> "SamplingBatch | None":
+        """These settings for a batch that lost rows (kept[i]: the old row of row i), without a pass
+        over the sequences; None for a batch that mixes the candidate and full-vocabulary paths. The
+        host flags stay as they were: a flag that no kept row needs any more only costs a no-op step."""
+        if self.candidate_rows is not None:
+            return None
+        new_row = {old: new for new, old in enumerate(kept)}
+        logprobs = [(new_row[row], count) for row, count in zip(self.logprob_rows, self.logprob_counts)
+                    if row in new_row]
+        return replace(self, params=self.params.take(to_device(kept, torch.int64, device)),
+                       penalized=[(new_row[row], seq) for row, seq in self.penalized if row in new_row],
+                       logprob_rows=[row for row, _ in logprobs], logprob_counts=[count for _, count in logprobs])
 
     @classmethod
     def build(cls, seqs: list[Sequence], eos_token_ids: tuple[int, ...], vocab_size: int,

@@ -6,11 +6,12 @@ the sampled token of each step on the device, so a step does O(batch) host work,
 Applying the penalties touches only the history's positions ([P, L] gathers and scatters), not the
 [B, V] logits as a whole.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from nanovllm.engine.sequence import Sequence
+from nanovllm.utils.batch_rows import kept_rows
 
 
 @dataclass
@@ -72,14 +73,19 @@ class PenaltyState:
 
     def prepare(self, penalized: list[tuple[int, Sequence]], vocab_size: int, device: torch.device) -> PenaltyRows:
         """penalized: (batch row, sequence) pairs. Gives new sequences a slot and their history.
-        The same list as last step (a reused SamplingBatch), recorded: each history grew by one token."""
+        The last step's sequences (or some of them, in order), recorded: each history grew by one token,
+        and the rows are carried over on the device."""
         recorded, self.last_recorded = self.last_recorded, False
         rows = self.last_rows
-        if penalized is self.last_penalized and recorded and rows.max_length + 1 < self.history.shape[1]:
-            rows.lengths += 1
-            rows.max_length += 1
-            self.steps_advanced += 1
-            return rows
+        if recorded and rows is not None and rows.max_length + 1 < self.history.shape[1]:
+            if penalized is self.last_penalized:
+                rows.lengths += 1
+                rows.max_length += 1
+                self.steps_advanced += 1
+                return rows
+            kept = kept_rows([seq.seq_id for _, seq in self.last_penalized], [seq.seq_id for _, seq in penalized])
+            if kept is not None:
+                return self._keep_rows(penalized, kept, device)
         self._catch_up_entries()
         self.release_finished()
         new = sum(1 for _, seq in penalized if seq.seq_id not in self.entries)
@@ -103,6 +109,20 @@ class PenaltyState:
         self.last_penalized = penalized
         self.last_rows = PenaltyRows(*ints, *floats, max(lengths), any_repetition=any(r != 1.0 for r in repetition),
                                      any_presence_or_frequency=any(presence) or any(frequency))
+        return self.last_rows
+
+    def _keep_rows(self, penalized: list[tuple[int, Sequence]], kept: list[int], device: torch.device) -> PenaltyRows:
+        """The last step's rows less some that finished (kept[i]: the old position of row i), each
+        history one token longer: taken from the last step's rows on the device."""
+        self._catch_up_entries()
+        last = self.last_rows
+        index = _to_device(kept, torch.int64, device)
+        self.last_rows = replace(
+            last, rows=_to_device([row for row, _ in penalized], torch.int64, device), slots=last.slots[index],
+            lengths=last.lengths[index] + 1, repetition=last.repetition[index], presence=last.presence[index],
+            frequency=last.frequency[index], max_length=last.max_length + 1)
+        self.last_penalized = penalized
+        self.steps_advanced = 1
         return self.last_rows
 
     def _catch_up_entries(self) -> None:

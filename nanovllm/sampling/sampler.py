@@ -12,6 +12,7 @@ from nanovllm.sampling.batch import SamplingBatch
 from nanovllm.sampling.filters import apply_min_p, sample_from_candidates, sample_full
 from nanovllm.sampling.logprobs import RawLogprobs
 from nanovllm.sampling.penalties import PenaltyState
+from nanovllm.utils.batch_rows import kept_rows
 
 
 @dataclass
@@ -30,12 +31,19 @@ class Sampler(nn.Module):
 
     def _batch(self, seqs: list[Sequence], eos_token_ids: tuple[int, ...], vocab_size: int,
                device: torch.device) -> SamplingBatch:
-        """This step's settings: the last step's when it sampled the same sequences and its settings do
-        not change from step to step (the common decode step: no host pass over the rows)."""
+        """This step's settings: the last step's when it sampled the same sequences (or the same less some
+        that finished) and its settings do not change from step to step (the common decode step: no
+        host pass over the rows)."""
         seq_ids = [seq.seq_id for seq in seqs]
-        if self.last_batch is not None and self.last_batch.reusable and seq_ids == self.last_seq_ids:
-            return self.last_batch
-        self.last_seq_ids, self.last_batch = seq_ids, SamplingBatch.build(seqs, eos_token_ids, vocab_size, device)
+        last = self.last_batch
+        batch = None
+        if last is not None and last.reusable:
+            if seq_ids == self.last_seq_ids:
+                return last
+            kept = kept_rows(self.last_seq_ids, seq_ids)
+            batch = last.keep_rows(kept, device) if kept is not None else None
+        self.last_seq_ids = seq_ids
+        self.last_batch = batch or SamplingBatch.build(seqs, eos_token_ids, vocab_size, device)
         return self.last_batch
 
     def forward(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> SamplerOutput:

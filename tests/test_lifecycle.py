@@ -98,6 +98,36 @@ def test_interrupted_call_leaves_another_calls_requests_correct(tiny_model, monk
         assert llm.generate([long_prompts[1]], GREEDY, use_tqdm=False)[0]["token_ids"] == reference[1]
 
 
+def test_a_step_dropped_after_sampling_leaves_another_calls_requests_correct(tiny_model, monkeypatch):
+    """A decode step samples, then its call is interrupted before the tokens are committed (where a
+    tensor-parallel engine delivers Ctrl-C). Another call's sequences were in that step: they go on as
+    if it never ran. The state carried over on the device (inputs, penalty histories) must notice."""
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, repetition_penalty=1.3)
+    survivor, dropped = list(range(40, 50)), list(range(5, 30))
+    with LLM(tiny_model, **CPU_ENGINE) as llm:
+        reference = llm.generate([survivor], params, use_tqdm=False)[0]["token_ids"]
+        real_run, interrupt_next = llm.model_runner.run, []
+
+        def run(seqs, is_prefill):
+            result = real_run(seqs, is_prefill)
+            if interrupt_next:
+                interrupt_next.clear()
+                raise KeyboardInterrupt
+            return result
+
+        monkeypatch.setattr(llm.model_runner, "run", run)
+        survivor_stream, tokens = llm.stream([survivor], params), []
+        for _ in range(3):
+            tokens += next(survivor_stream)["token_ids"]
+        dropped_stream = llm.stream([dropped], params)
+        next(dropped_stream), next(dropped_stream)  # it joined and decodes alongside the survivor
+        interrupt_next.append(1)
+        with pytest.raises(KeyboardInterrupt):
+            next(dropped_stream)
+        tokens += [t for event in survivor_stream for t in event["token_ids"]]
+    assert tokens == reference
+
+
 def test_dropped_llm_frees_its_memory_for_the_next(tiny_model, expected):
     first = LLM(tiny_model, **CPU_ENGINE)
     model = weakref.ref(first.model_runner.model)

@@ -78,6 +78,15 @@ def test_two_ranks_match_one_rank_and_transformers(tiny_model, tp_llm, prompts_a
     assert greedy_tokens(tp_llm, prompts) == reference
 
 
+def test_sequences_that_finish_at_different_steps(tiny_model, tp_llm, prompts_and_reference):
+    """Rows leave the batch from its middle: each rank carries the rest over on the device alike."""
+    prompts, _ = prompts_and_reference
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 12, 5, 12, 8, 12, 1)]
+    with LLM(tiny_model, **CPU_ENGINE) as one_rank:
+        reference = [o["token_ids"] for o in one_rank.generate(prompts, params, use_tqdm=False)]
+    assert [o["token_ids"] for o in tp_llm.generate(prompts, params, use_tqdm=False)] == reference
+
+
 def test_prefix_cache_hits_give_same_tokens(tp_llm, prompts_and_reference):
     prompts, reference = prompts_and_reference
     greedy_tokens(tp_llm, prompts)

@@ -52,7 +52,7 @@ class DecodeInputs:
         self.padded_rows = 0        # rows [B, padded_rows) hold padding
         self.written_width = 0      # table columns that ever held block ids (the rest is -1)
         self.table_width = 0        # the batch's widest table
-        self.max_context_len = 0
+        self.next_lengths: list[int] = []  # each row's length at its next step, if it just grows
         self.step = 0               # fast steps since the batch was written
         self.block_starts: dict[int, list[int]] = {}  # step -> rows whose token that step opens a block
 
@@ -62,30 +62,39 @@ class DecodeInputs:
         int32 = buffer[self._int64_bytes:].view(torch.int32)
         return tuple(int64), int32[:rows], int32[rows:].view(rows, width)
 
-    def prepare(self, seqs: list[Sequence], padded_rows: int) -> StepInputs:
-        """The step's inputs for seqs (B <= padded_rows <= max_rows rows); rows [B, padded_rows) padding."""
+    def prepare(self, seqs: list[Sequence], padded_rows: int, input_ids: torch.Tensor | None = None) -> StepInputs:
+        """The step's inputs for seqs (B <= padded_rows <= max_rows rows); rows [B, padded_rows) padding.
+        input_ids: this step's input ids on the device in seqs' order, when the caller has them (a
+        tensor-parallel worker); otherwise the last step's sampled ids serve."""
         sampled, self.sampled = self.sampled, None
         seq_ids = [seq.seq_id for seq in seqs]
+        lengths = [len(seq) for seq in seqs]
         kept = None
-        if sampled is not None and self.seq_ids is not None and padded_rows <= self.padded_rows:
+        if (sampled is not None or input_ids is not None) and self.seq_ids is not None \
+                and padded_rows <= self.padded_rows:
             kept = kept_rows(self.seq_ids, seq_ids)
+            # Each kept sequence must have grown by exactly one token since the buffers were last
+            # advanced: a step whose tokens were dropped (an error after sampling) leaves it behind.
+            if kept is not None and lengths != [self.next_lengths[row] for row in kept]:
+                kept = None
         if kept is None:
-            self._write(seqs, seq_ids, padded_rows)
+            self._write(seqs, seq_ids, lengths, padded_rows)
         else:
-            if len(kept) < len(self.seq_ids):
-                sampled = self._keep_rows(seqs, seq_ids, kept, sampled)
-            self._advance(seqs, sampled)
+            index = self._keep_rows(seqs, seq_ids, kept) if len(kept) < len(self.seq_ids) else None
+            if input_ids is None:
+                input_ids = sampled if index is None else sampled[index]
+            self._advance(seqs, input_ids)
+        self.next_lengths = [length + 1 for length in lengths]
         num_rows = len(seqs)
         meta = AttentionMetadata(is_prefill=False, slot_mapping=self.slots[:num_rows],
                                  context_lens=self.context_lens[:num_rows],
                                  block_tables=self.block_tables[:num_rows, :self.table_width],
-                                 max_context_len=self.max_context_len)
+                                 max_context_len=max(lengths))
         return StepInputs(self.input_ids[:num_rows], self.positions[:num_rows], meta, None, [True] * num_rows)
 
-    def _keep_rows(self, seqs: list[Sequence], seq_ids: list[int], kept: list[int],
-                   sampled: torch.Tensor) -> torch.Tensor:
+    def _keep_rows(self, seqs: list[Sequence], seq_ids: list[int], kept: list[int]) -> torch.Tensor:
         """The batch lost rows: move the kept ones (kept[i]: the old row of row i) up, in order, and
-        pad the rows they leave. Returns the kept rows' sampled ids."""
+        pad the rows they leave. Returns kept as a device index."""
         num_rows, old_rows = len(kept), len(self.seq_ids)
         index = self.to_device(kept)
         int64_rows = self._int64_rows
@@ -101,15 +110,13 @@ class DecodeInputs:
                              for step, rows in self.block_starts.items()}
         self.seq_ids = seq_ids
         self.table_width = max(len(seq.block_table) for seq in seqs)
-        self.max_context_len = max(len(seq) for seq in seqs) - 1  # _advance adds this step's token
-        return sampled[index]
+        return index
 
-    def _advance(self, seqs: list[Sequence], sampled: torch.Tensor) -> None:
+    def _advance(self, seqs: list[Sequence], input_ids: torch.Tensor) -> None:
         num_rows = len(seqs)
-        self.input_ids[:num_rows].copy_(sampled)
+        self.input_ids[:num_rows].copy_(input_ids)
         self._int64_rows[1:, :num_rows] += 1  # positions and slots
         self.context_lens[:num_rows] += 1
-        self.max_context_len += 1
         self.step += 1
         opening = self.block_starts.pop(self.step, None)
         if opening:
@@ -130,11 +137,10 @@ class DecodeInputs:
         self.written_width = max(self.written_width, self.table_width)
         self.block_starts.setdefault(self.step + self.block_size, []).extend(rows)
 
-    def _write(self, seqs: list[Sequence], seq_ids: list[int], padded_rows: int) -> None:
+    def _write(self, seqs: list[Sequence], seq_ids: list[int], lengths: list[int], padded_rows: int) -> None:
         num_rows, block_size = len(seqs), self.block_size
         if self.copy_done is not None:
             self.copy_done.synchronize()  # the previous upload must have left the host buffer
-        lengths = [len(seq) for seq in seqs]
         positions = np.array(lengths, dtype=np.int64) - 1
         tables = [seq.block_table for seq in seqs]
         self._host_ids[:num_rows] = [seq.token_ids[-1] for seq in seqs]
@@ -157,7 +163,6 @@ class DecodeInputs:
             self.copy_done.record()
         self.seq_ids = seq_ids
         self.padded_rows = padded_rows
-        self.max_context_len = max(lengths)
         # A token opens a block when its position is a multiple of block_size: the k-th step from now.
         self.step = 0
         self.block_starts = defaultdict(list)

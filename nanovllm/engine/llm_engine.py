@@ -132,7 +132,9 @@ class LLMEngine:
         try:
             token_ids, logprobs = self._run_model(seqs, is_prefill)
         except BaseException:
-            if is_prefill:  # a failed decode step needs no undo: nothing was committed
+            # A failed decode step needs no undo: nothing was committed on the host, and the state the
+            # runner carries over on the device is checked against the sequences' lengths next step.
+            if is_prefill:
                 self.scheduler.undo_prefill(seqs)
             raise
         num_tokens = sum(seq.num_scheduled_tokens for seq in seqs)

@@ -140,12 +140,13 @@ class ModelRunner:
         return activation_peak
 
     @torch.inference_mode()
-    def _forward_logits(self, seqs: list[Sequence], is_prefill: bool):
+    def _forward_logits(self, seqs: list[Sequence], is_prefill: bool, decode_input_ids: torch.Tensor | None = None):
         graphed = not is_prefill and self.graphs is not None and self.graphs.fits(len(seqs))
         if is_prefill:
             inputs = self.inputs.prefill(seqs)
         else:
-            inputs = self.decode_inputs.prepare(seqs, self.graphs.bucket(len(seqs)) if graphed else len(seqs))
+            inputs = self.decode_inputs.prepare(seqs, self.graphs.bucket(len(seqs)) if graphed else len(seqs),
+                                                decode_input_ids)
         set_context(inputs.meta)
         try:
             if graphed:
@@ -160,11 +161,10 @@ class ModelRunner:
 
     def run_without_sampling(self, seqs: list[Sequence], is_prefill: bool) -> None:
         """Ranks > 0: the step's forward pass, which its collectives need; rank 0 samples. A decode
-        step's input ids are what rank 0 sampled last; handed over as such, they let a step of the
-        same batch advance its inputs on the device, as rank 0's does."""
-        if not is_prefill:
-            self.decode_inputs.sampled = self.decode_inputs.to_device([seq.token_ids[-1] for seq in seqs])
-        self._forward_logits(seqs, is_prefill)
+        step's input ids (what rank 0 sampled last, from its message) go to the device as such, so
+        that a step of the same batch advances its inputs there, as rank 0's does."""
+        input_ids = None if is_prefill else self.decode_inputs.to_device([seq.token_ids[-1] for seq in seqs])
+        self._forward_logits(seqs, is_prefill, input_ids)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool

@@ -45,6 +45,7 @@ class PenaltyState:
         self.last_rows: PenaltyRows | None = None
         self.last_recorded = False
         self.steps_advanced = 0
+        self.next_lengths: list[int] = []  # each last-step row's length at its next step
 
     def _grow(self, num_slots: int, width: int, vocab_size: int, device: torch.device) -> None:
         old_slots, old_width = (0, 0) if self.history is None else self.history.shape
@@ -72,20 +73,37 @@ class PenaltyState:
             self.counts[slot].index_add_(0, generated, torch.ones_like(generated, dtype=torch.int32))
 
     def prepare(self, penalized: list[tuple[int, Sequence]], vocab_size: int, device: torch.device) -> PenaltyRows:
-        """penalized: (batch row, sequence) pairs. Gives new sequences a slot and their history.
-        The last step's sequences (or some of them, in order), recorded: each history grew by one token,
-        and the rows are carried over on the device."""
+        """penalized: (batch row, sequence) pairs. Gives new sequences a slot and their history."""
         recorded, self.last_recorded = self.last_recorded, False
+        lengths = [len(seq) for _, seq in penalized]
+        rows = self._carry_over(penalized, lengths, device) if recorded else None
+        if rows is None:
+            rows = self._prepare_afresh(penalized, vocab_size, device)
+        self.next_lengths = [length + 1 for length in lengths]
+        return rows
+
+    def _carry_over(self, penalized: list[tuple[int, Sequence]], lengths: list[int],
+                    device: torch.device) -> PenaltyRows | None:
+        """The last step's rows, advanced on the device by the token it recorded, when penalized holds the
+        last step's sequences (or some of them, in order) each one token longer; else None. A step whose
+        tokens were dropped after recording (an error) fails the check: its histories are refilled."""
         rows = self.last_rows
-        if recorded and rows is not None and rows.max_length + 1 < self.history.shape[1]:
-            if penalized is self.last_penalized:
-                rows.lengths += 1
-                rows.max_length += 1
-                self.steps_advanced += 1
-                return rows
-            kept = kept_rows([seq.seq_id for _, seq in self.last_penalized], [seq.seq_id for _, seq in penalized])
-            if kept is not None:
-                return self._keep_rows(penalized, kept, device)
+        if rows is None or rows.max_length + 1 >= self.history.shape[1]:
+            return None
+        if penalized is self.last_penalized:
+            if lengths != self.next_lengths:
+                return None
+            rows.lengths += 1
+            rows.max_length += 1
+            self.steps_advanced += 1
+            return rows
+        kept = kept_rows([seq.seq_id for _, seq in self.last_penalized], [seq.seq_id for _, seq in penalized])
+        if kept is None or lengths != [self.next_lengths[row] for row in kept]:
+            return None
+        return self._keep_rows(penalized, kept, device)
+
+    def _prepare_afresh(self, penalized: list[tuple[int, Sequence]], vocab_size: int,
+                        device: torch.device) -> PenaltyRows:
         self._catch_up_entries()
         self.release_finished()
         new = sum(1 for _, seq in penalized if seq.seq_id not in self.entries)

@@ -70,18 +70,24 @@ class Scheduler:
     def _schedule_decode(self) -> list[Sequence]:
         # One token per sequence: the token budget caps the batch too (it sizes the activation peak).
         scheduled, most = [], min(self.max_num_seqs, self.max_num_batched_tokens)
+        block_size = self.block_manager.block_size
         while self.running and len(scheduled) < most:
             seq = self.running.popleft()
-            while not self.block_manager.can_append(seq):
-                if self.running:
-                    self._preempt(self.running.pop())
+            # Most steps need no new block: the newest token still fits the last one (checked inline,
+            # as this loop runs for every sequence of every decode step).
+            if len(seq.token_ids) > len(seq.block_table) * block_size:
+                while not self.block_manager.can_append(seq):
+                    if self.running:
+                        self._preempt(self.running.pop())
+                    else:
+                        self._preempt(seq)
+                        break
                 else:
-                    self._preempt(seq)
-                    break
-            else:
-                self.block_manager.may_append(seq)
-                seq.num_scheduled_tokens = 1
-                scheduled.append(seq)
+                    self.block_manager.may_append(seq)
+                if seq.status != SequenceStatus.RUNNING:  # it preempted itself
+                    continue
+            seq.num_scheduled_tokens = 1
+            scheduled.append(seq)
         self.running.extendleft(reversed(scheduled))
         return scheduled
 
@@ -151,12 +157,13 @@ class Scheduler:
     def _finish_reason(self, seq: Sequence, token_id: int) -> tuple[str | None, int | None]:
         """(finish reason, stop reason). Before min_tokens neither eos nor stop_token_ids end a sequence
         (the sampler suppresses them too)."""
-        params = seq.sampling_params
-        if seq.num_completion_tokens >= params.min_tokens:
+        params, num_tokens = seq.sampling_params, len(seq.token_ids)
+        num_completion_tokens = num_tokens - seq.num_prompt_tokens
+        if num_completion_tokens >= params.min_tokens:
             if not params.ignore_eos and token_id in self.eos_token_ids:
                 return "stop", None
             if params.stop_token_ids and token_id in params.stop_token_ids:
                 return "stop", token_id
-        if seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+        if num_completion_tokens >= params.max_tokens or num_tokens >= self.max_model_len:
             return "length", None
         return None, None

@@ -16,8 +16,7 @@ from random import randint, seed
 
 import torch
 
-from nanovllm.testing.checkpoints import SHAPES, make_random_checkpoint
-from nanovllm.testing.tokenizer import train_tokenizer
+from nanovllm.testing.checkpoints import SHAPES, make_benchmark_model
 
 
 def parse_args(argv=None):
@@ -132,10 +131,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model
         if args.random_weights:
-            dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-            path = make_random_checkpoint(tmp, args.random_weights, dtype=dtype,
-                                          device="cuda" if torch.cuda.is_available() else "cpu", std=0.02)
-            train_tokenizer(path)
+            path = make_benchmark_model(tmp, args.random_weights)
         from transformers import AutoConfig
         prompts, output_lens = workload(args, AutoConfig.from_pretrained(path).vocab_size)
         run = run_nano if args.backend == "nano" else run_hf

@@ -10,8 +10,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.testing.checkpoints import make_random_checkpoint
-from nanovllm.testing.tokenizer import train_tokenizer
+from nanovllm.testing.checkpoints import make_benchmark_model
 
 
 def main():
@@ -23,9 +22,7 @@ def main():
     p.add_argument("--wall-steps", type=int, default=50, help="steps timed without the profiler")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        make_random_checkpoint(tmp, "qwen3-0.6b", dtype=torch.bfloat16, device="cuda", std=0.02)
-        train_tokenizer(tmp)
-        llm = LLM(tmp)
+        llm = LLM(make_benchmark_model(tmp, "qwen3-0.6b"))
     params = SamplingParams(temperature=0.6, max_tokens=10_000, ignore_eos=True)
     for batch in args.batch_sizes:
         prompts = [[(i * 31 + j) % 10000 for j in range(args.context)] for i in range(batch)]

@@ -11,8 +11,7 @@ import time
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.testing.checkpoints import make_random_checkpoint
-from nanovllm.testing.tokenizer import train_tokenizer
+from nanovllm.testing.checkpoints import make_benchmark_model
 
 
 def timed(obj, name, bucket):
@@ -35,12 +34,8 @@ def main():
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--shape", default="qwen3-0.6b")
     args = p.parse_args()
-    on_gpu = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
-        make_random_checkpoint(tmp, args.shape, dtype=torch.bfloat16 if on_gpu else torch.float32,
-                               device="cuda" if on_gpu else "cpu", std=0.02)
-        train_tokenizer(tmp)
-        llm = LLM(tmp)
+        llm = LLM(make_benchmark_model(tmp, args.shape))
     times = {name: [] for name in ("schedule", "prepare", "run", "postprocess", "step")}
     timed(llm.scheduler, "schedule", times["schedule"])
     timed(llm.model_runner.decode_inputs, "prepare", times["prepare"])

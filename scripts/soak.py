@@ -22,8 +22,7 @@ import torch
 
 from bench import workload
 from nanovllm import LLM, SamplingParams
-from nanovllm.testing.checkpoints import make_random_checkpoint
-from nanovllm.testing.tokenizer import train_tokenizer
+from nanovllm.testing.checkpoints import make_benchmark_model
 
 MIB = 2**20
 
@@ -50,10 +49,7 @@ def main():
     args.input_len = args.output_len = None
     on_cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
-        make_random_checkpoint(tmp, args.shape, dtype=torch.bfloat16 if on_cuda else torch.float32,
-                               device="cuda" if on_cuda else "cpu", std=0.02)
-        train_tokenizer(tmp)
-        llm = LLM(tmp)
+        llm = LLM(make_benchmark_model(tmp, args.shape))
         prompts, output_lens = workload(args, llm.config.hf_config.vocab_size)
         kinds = {"greedy": dict(temperature=0), "plain": dict(temperature=0.6),
                  "filters": dict(temperature=0.6, top_p=0.9, top_k=50, repetition_penalty=1.1)}

@@ -6,6 +6,8 @@ from importlib import resources
 import torch
 from safetensors.torch import save_file
 
+from nanovllm.testing.tokenizer import train_tokenizer
+
 TINY_CONFIG = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -98,4 +100,14 @@ def make_random_checkpoint(path: str, shape: str = "tiny", dtype: torch.dtype = 
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     save_sharded(random_state_dict(config, dtype, device, std, seed, head_spread), path, max_shard_bytes)
+    return path
+
+
+def make_benchmark_model(path: str, shape: str) -> str:
+    """The random model the benchmark and profiling scripts run: bf16 built on the GPU where there is
+    one, float32 on the CPU, projection std 0.02, with a trained tokenizer. Returns path."""
+    on_cuda = torch.cuda.is_available()
+    make_random_checkpoint(path, shape, dtype=torch.bfloat16 if on_cuda else torch.float32,
+                           device="cuda" if on_cuda else "cpu", std=0.02)
+    train_tokenizer(path)
     return path

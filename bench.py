@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the most likely (0: off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' rule (1: off)")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--sync-scheduling", action="store_true",
+                   help="async_scheduling=False: each step waits for its tokens before the next is scheduled")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--max-model-len", type=int, default=4096)
     return p.parse_args(argv)
@@ -82,7 +84,8 @@ def floor_seconds(prompt_lens, output_lens, weight_bytes, kv_bytes_per_token, ba
 def run_nano(path, args, prompts, output_lens):
     from nanovllm import LLM, SamplingParams
     started = time.perf_counter()
-    llm = LLM(path, enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+    llm = LLM(path, enforce_eager=args.enforce_eager, async_scheduling=not args.sync_scheduling,
+              tensor_parallel_size=args.tensor_parallel_size,
               max_model_len=args.max_model_len)
     params = [SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                              repetition_penalty=args.repetition_penalty, ignore_eos=True, max_tokens=n)

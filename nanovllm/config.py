@@ -73,6 +73,8 @@ class Config:
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
+    # Schedule and queue the next decode step while the current one runs (llm_engine.py).
+    async_scheduling: bool = True
     kvcache_block_size: int = 256
     num_kvcache_blocks: int = -1
     device: str = "auto"
@@ -89,6 +91,7 @@ class Config:
         check_number("gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, low_open=True)
         check_number("tensor_parallel_size", self.tensor_parallel_size, 1, 8, integer=True)
         check_type("enforce_eager", self.enforce_eager, bool, "a bool")
+        check_type("async_scheduling", self.async_scheduling, bool, "a bool")
         check_number("kvcache_block_size", self.kvcache_block_size, 16, integer=True)
         if self.kvcache_block_size & (self.kvcache_block_size - 1):
             raise ValueError(f"kvcache_block_size must be a power of two >= 16, got {self.kvcache_block_size}")

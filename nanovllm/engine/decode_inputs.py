@@ -139,6 +139,8 @@ class DecodeInputs:
 
     def _write(self, seqs: list[Sequence], seq_ids: list[int], lengths: list[int], padded_rows: int) -> None:
         num_rows, block_size = len(seqs), self.block_size
+        if any(seq.has_placeholder for seq in seqs):
+            raise RuntimeError("a step scheduled ahead must follow the last step's batch on the device")
         if self.copy_done is not None:
             self.copy_done.synchronize()  # the previous upload must have left the host buffer
         positions = np.array(lengths, dtype=np.int64) - 1

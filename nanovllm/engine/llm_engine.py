@@ -14,7 +14,7 @@ from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.chat import conversations_to_prompts
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
-from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.model_runner import ModelRunner, StepOutput
 from nanovllm.engine.request import Request
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
@@ -48,6 +48,11 @@ class LLMEngine:
         self.waiting_siblings: dict[int, list[Sequence]] = {}
         # seq_id -> the detokenizer of a running sequence that streams or has stop strings.
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
+        # The decode step queued while the previous one ran (asynchronous scheduling), not yet read.
+        self.in_flight: tuple[list[Sequence], StepOutput] | None = None
+        # Tensor-parallel workers take each step's input ids from rank 0's message, which needs the
+        # last step's tokens on the host: they step synchronously.
+        self.async_scheduling = config.async_scheduling and self.workers is None
 
     # ---- intake -------------------------------------------------------------------------------
     def _tokenize(self, prompt, index: int) -> list[int]:
@@ -125,27 +130,63 @@ class LLMEngine:
 
     # ---- the loop -----------------------------------------------------------------------------
     def step(self) -> tuple[list[Sequence], int, bool]:
-        """Run one batch. Returns (finished sequences, tokens processed, is_prefill)."""
-        seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:
-            raise RuntimeError("scheduler found nothing to run although requests are pending")
+        """Run one batch. Returns (finished sequences, tokens processed, is_prefill).
+
+        Asynchronous scheduling: a decode step's successor is scheduled and queued on the device
+        before the step's tokens are read, so the device never waits for the host's bookkeeping
+        (reading the tokens, finishing sequences, scheduling). The successor counts each token being
+        sampled as a placeholder that the read replaces; its input ids come from the sampled ids on
+        the device. A sequence that the read finishes (eos, a stop) wastes its row of the successor."""
+        seqs, output = self._take_in_flight()
+        is_prefill = False
+        if seqs is None:
+            seqs, is_prefill = self.scheduler.schedule()
+            if not seqs:
+                raise RuntimeError("scheduler found nothing to run although requests are pending")
         try:
-            token_ids, logprobs = self._run_model(seqs, is_prefill)
+            if output is None:
+                output = self._launch(seqs, is_prefill)
+            if self.async_scheduling and not is_prefill:
+                following = self.scheduler.look_ahead(seqs)
+                if following:
+                    self.in_flight = following, self._launch(following, False)
+            token_ids, logprobs = output.read()
         except BaseException:
-            # A failed decode step needs no undo: nothing was committed on the host, and the state the
-            # runner carries over on the device is checked against the sequences' lengths next step.
+            # Nothing of a failed step was committed on the host (a prefill is redone; the state the
+            # runner carries over on the device is checked against the sequences' lengths next step).
+            self._drop_in_flight(seqs)
             if is_prefill:
                 self.scheduler.undo_prefill(seqs)
             raise
-        num_tokens = sum(seq.num_scheduled_tokens for seq in seqs)
-        finished = self.scheduler.postprocess(seqs, token_ids, logprobs)
-        return finished + self._after_sampling(seqs, token_ids), num_tokens, is_prefill
+        try:
+            num_tokens = sum(seq.num_scheduled_tokens for seq in seqs)
+            finished = self.scheduler.postprocess(seqs, token_ids, logprobs)
+            return finished + self._after_sampling(seqs, token_ids), num_tokens, is_prefill
+        except BaseException:  # interrupted while committing: some tokens were, the rest are lost
+            self._drop_in_flight(seqs)
+            raise
 
-    def _run_model(self, seqs: list[Sequence], is_prefill: bool):
+    def _drop_in_flight(self, seqs: list[Sequence]) -> None:
+        """Forget the queued successor of seqs' step and the placeholders it left in them (those
+        its read did not replace): its tokens would follow ones that were lost."""
+        self.in_flight = None
+        for seq in seqs:
+            seq.drop_placeholder()
+
+    def _take_in_flight(self) -> tuple[list[Sequence] | None, StepOutput | None]:
+        """The queued decode step, unless every sequence in it has finished since (aborted, or the
+        last step finished them): then it is dropped, its work on the device wasted."""
+        in_flight, self.in_flight = self.in_flight, None
+        if in_flight is None or all(seq.is_finished for seq in in_flight[0]):
+            return None, None
+        return in_flight
+
+    def _launch(self, seqs: list[Sequence], is_prefill: bool) -> StepOutput:
         if self.workers is None:
             return self.model_runner.run(seqs, is_prefill)
-        # The workers get the step first, so they compute while rank 0 does.
-        return self.workers.run_step(seqs, is_prefill, lambda: self.model_runner.run(seqs, is_prefill))
+        # The workers get the step first, so they compute while rank 0 does. The tokens are read
+        # inside, where a failed collective is noticed and blamed on a dead worker.
+        return self.workers.run_step(seqs, is_prefill, lambda: self.model_runner.run(seqs, is_prefill).wait())
 
     def _after_sampling(self, seqs: list[Sequence], token_ids: list[int | None]) -> list[Sequence]:
         """Admit the siblings of requests whose prompt is now cached; detokenize the sequences that

@@ -14,7 +14,7 @@ from nanovllm.engine.input_batch import InputBuilder
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.fusable import EAGER_OPS, building_with_ops, compiled_ops
-from nanovllm.sampling import Sampler
+from nanovllm.sampling import Sampler, SamplerOutput
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.context import set_context
 from nanovllm.utils.distributed import ParallelGroup, building_with
@@ -167,17 +167,39 @@ class ModelRunner:
         self._forward_logits(seqs, is_prefill, input_ids)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool
-            ) -> tuple[list[int | None], list[dict[int, float] | None] | None]:
-        """One model step. Returns each sequence's next token (None for an unfinished prefill chunk) and,
-        when some sequence asked for logprobs, each one's {token_id: logprob} (else None)."""
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> "StepOutput":
+        """Queue one model step on the device. Its tokens are read from the returned StepOutput, which
+        waits for them: the caller may queue the next step first (asynchronous scheduling)."""
         logits, sampled = self._forward_logits(seqs, is_prefill)
         sampling_seqs = [seq for seq, ok in zip(seqs, sampled) if ok]
         if not sampling_seqs:
-            return [None] * len(seqs), None
+            return StepOutput(sampled, None)
         output = self.sampler(logits, sampling_seqs, self.config.eos_token_ids)
         if not is_prefill:  # the next decode step of the same batch takes its input ids from here
             self.decode_inputs.sampled = output.device_token_ids
-        token_ids, logprobs = iter(output.token_ids), iter(output.logprobs or ())
-        return ([next(token_ids) if ok else None for ok in sampled],
-                [next(logprobs) if ok else None for ok in sampled] if output.logprobs else None)
+        return StepOutput(sampled, output)
+
+
+class StepOutput:
+    def __init__(self, sampled: list[bool], output: SamplerOutput | None):
+        self.sampled = sampled  # [B]: whether the step samples a token for each sequence
+        self.output = output
+        self._result = None
+
+    def read(self) -> tuple[list[int | None], list[dict[int, float] | None] | None]:
+        """Each sequence's next token (None for an unfinished prefill chunk) and, when some sequence
+        asked for logprobs, each one's {token_id: logprob} (else None). Waits for the device."""
+        if self._result is None:
+            sampled, output = self.sampled, self.output
+            if output is None:
+                self._result = [None] * len(sampled), None
+            else:
+                token_ids, logprobs = iter(output.token_ids), iter(output.logprobs or ())
+                self._result = ([next(token_ids) if ok else None for ok in sampled],
+                                [next(logprobs) if ok else None for ok in sampled] if output.logprobs else None)
+        return self._result
+
+    def wait(self) -> "StepOutput":
+        """Read the results now; returns self."""
+        self.read()
+        return self

@@ -91,6 +91,27 @@ class Scheduler:
         self.running.extendleft(reversed(scheduled))
         return scheduled
 
+    def look_ahead(self, seqs: list[Sequence]) -> list[Sequence]:
+        """The decode step after seqs' decode step, scheduled while that one still runs (asynchronous
+        scheduling): seqs less those its token finishes by length, each counting the token it is
+        sampling as a placeholder. [] when the next batch cannot be told before the tokens are known:
+        requests wait (the next step may prefill them), not every running sequence ran, or the new
+        tokens need more KV blocks than are free (the next step may preempt). A sequence that the
+        unknown token finishes (eos, a stop) gets one wasted row in the next step."""
+        if self.waiting or len(self.running) != len(seqs):
+            return []
+        block_size = self.block_manager.block_size
+        # The next step writes K/V at position len(seq): a new block when that is a block boundary.
+        following = [seq for seq in seqs if not self._reaches_length(seq, len(seq.token_ids) + 1)]
+        new_blocks = sum(1 for seq in following if len(seq.token_ids) == len(seq.block_table) * block_size)
+        if not following or new_blocks > self.block_manager.num_free_blocks:
+            return []
+        for seq in following:
+            seq.append_placeholder()
+            self.block_manager.may_append(seq)
+            seq.num_scheduled_tokens = 1
+        return following
+
     def undo_prefill(self, seqs: list[Sequence]) -> None:
         """A prefill step that raised computed nothing: put the sequences it moved to `running` back at the
         head of `waiting`, in order and keeping their blocks, so they are prefilled again rather than
@@ -127,6 +148,9 @@ class Scheduler:
         logprobs, and return the sequences that finished."""
         finished = []
         for i, (seq, token_id) in enumerate(zip(seqs, token_ids)):
+            if seq.is_finished:  # finished while this step ran (asynchronous scheduling): a wasted row
+                token_ids[i] = None
+                continue
             self.block_manager.commit_computed(seq, seq.num_scheduled_tokens)
             if token_id is None:
                 continue
@@ -158,12 +182,16 @@ class Scheduler:
         """(finish reason, stop reason). Before min_tokens neither eos nor stop_token_ids end a sequence
         (the sampler suppresses them too)."""
         params, num_tokens = seq.sampling_params, len(seq.token_ids)
-        num_completion_tokens = num_tokens - seq.num_prompt_tokens
-        if num_completion_tokens >= params.min_tokens:
+        if num_tokens - seq.num_prompt_tokens >= params.min_tokens:
             if not params.ignore_eos and token_id in self.eos_token_ids:
                 return "stop", None
             if params.stop_token_ids and token_id in params.stop_token_ids:
                 return "stop", token_id
-        if num_completion_tokens >= params.max_tokens or num_tokens >= self.max_model_len:
+        if self._reaches_length(seq, num_tokens):
             return "length", None
         return None, None
+
+    def _reaches_length(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether seq is done by length once it holds num_tokens tokens."""
+        return (num_tokens - seq.num_prompt_tokens >= seq.sampling_params.max_tokens
+                or num_tokens >= self.max_model_len)

@@ -4,6 +4,11 @@ from itertools import count
 from nanovllm.sampling_params import SamplingParams
 
 
+# Stands for a token that an in-flight decode step is sampling (asynchronous scheduling, llm_engine.py):
+# the next step is scheduled before that token is known. Never reaches the model or the user.
+PLACEHOLDER = -1
+
+
 class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
@@ -39,6 +44,8 @@ class Sequence:
         self.stop_reason: str | int | None = None
         # Per generated token, {token_id: logprob} when sampling_params.logprobs is set.
         self.logprobs: list[dict[int, float]] = []
+        # The last token is a PLACEHOLDER that the in-flight step will fill (asynchronous scheduling).
+        self.has_placeholder = False
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -70,7 +77,22 @@ class Sequence:
     def block_tokens(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size:(i + 1) * self.block_size]
 
+    def append_placeholder(self) -> None:
+        """Count the token being sampled now, so the next step can be scheduled before it is known."""
+        self.token_ids.append(PLACEHOLDER)
+        self.has_placeholder = True
+
+    def drop_placeholder(self) -> None:
+        """The step that was to fill the placeholder will not (it failed or was interrupted)."""
+        if self.has_placeholder:
+            self.token_ids.pop()
+            self.has_placeholder = False
+
     def append_token(self, token_id: int, logprobs: dict[int, float] | None = None) -> None:
-        self.token_ids.append(token_id)
+        if self.has_placeholder:  # the token the placeholder stood for
+            self.token_ids[-1] = token_id
+            self.has_placeholder = False
+        else:
+            self.token_ids.append(token_id)
         if logprobs is not None:
             self.logprobs.append(logprobs)

@@ -66,6 +66,8 @@ class PenaltyState:
             self.free_slots.append(self.entries.pop(seq_id)[0])
 
     def _fill(self, slot: int, seq: Sequence, device: torch.device) -> None:
+        if seq.has_placeholder:
+            raise RuntimeError("a step scheduled ahead must carry its penalty histories over on the device")
         self.history[slot, :len(seq)] = torch.tensor(seq.token_ids, dtype=torch.int32).to(device)
         self.counts[slot].zero_()
         if seq.num_completion_tokens:

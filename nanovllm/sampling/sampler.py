@@ -1,9 +1,7 @@
 """Batched sampling: a chain of small steps over the batch's logits on the device, each skipped when no
 row needs it: min_tokens suppression, penalties, min-p, top-k / top-p, the draw. An all-greedy batch is
 one argmax; a plain-temperature batch one noisy argmax. The only device-to-host read is the sampled ids
-(and the logprobs, when asked)."""
-from dataclasses import dataclass
-
+(and the logprobs, when asked), and it waits until the caller first uses them."""
 import torch
 from torch import nn
 
@@ -15,11 +13,38 @@ from nanovllm.sampling.penalties import PenaltyState
 from nanovllm.utils.batch_rows import kept_rows
 
 
-@dataclass
 class SamplerOutput:
-    token_ids: list[int]                              # [B]
-    device_token_ids: torch.Tensor                    # [B] int64, the same ids on the device
-    logprobs: list[dict[int, float] | None] | None    # [B] when some row asked, else None
+    """A step's sampled ids, on the device at once and read to the host on first use, so the caller
+    can queue more device work (the next step) before it waits for them."""
+
+    def __init__(self, device_token_ids: torch.Tensor, raw: RawLogprobs | None,
+                 host_token_ids: list[int] | None = None):
+        self.device_token_ids = device_token_ids  # [B] int64
+        self._raw = raw
+        self._host_token_ids = host_token_ids
+        if host_token_ids is None and device_token_ids.is_cuda:  # start the copy; token_ids waits for it
+            self._copy = torch.empty(device_token_ids.shape, dtype=torch.int64, pin_memory=True)
+            self._copy.copy_(device_token_ids, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._copy, self._copied = device_token_ids, None
+        self._logprobs = None
+
+    @property
+    def token_ids(self) -> list[int]:  # [B]
+        if self._host_token_ids is None:
+            if self._copied is not None:
+                self._copied.synchronize()
+            self._host_token_ids = self._copy.tolist()
+        return self._host_token_ids
+
+    @property
+    def logprobs(self) -> list[dict[int, float] | None] | None:
+        """[B] when some row asked, else None."""
+        if self._raw is not None and self._logprobs is None:
+            self._logprobs = self._raw.read(self.device_token_ids, len(self.device_token_ids))
+        return self._logprobs
 
 
 class Sampler(nn.Module):
@@ -61,14 +86,17 @@ class Sampler(nn.Module):
         elif self.penalty_state.entries:  # free the slots of finished sequences even when none use penalties
             self.penalty_state.release_finished()
         token_ids, needs_full_sort = self._sample(logits, batch)
-        host_ids = self._read(token_ids, needs_full_sort, logits, batch)
+        # Rows top-p could not settle are redone now (a sync): the ids on the device must be final
+        # when this returns, as the next step may take them as its inputs before they are read.
+        host_ids = None if needs_full_sort is None else self._redo_short_rows(token_ids, needs_full_sort, logits, batch)
         if penalty_rows is not None:
             self.penalty_state.record(penalty_rows, token_ids)
-        return SamplerOutput(host_ids, token_ids, raw.read(token_ids, len(seqs)) if raw else None)
+        return SamplerOutput(token_ids, raw, host_ids)
 
     @staticmethod
     def _sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns token ids [B] and, when the top-p path ran, the rows it could not settle [B] bool."""
+        """Returns token ids [B] and, when some row has top-p without top-k (only those can fall
+        short), the rows the top-p path could not settle [B] bool."""
         if batch.all_greedy:
             return logits.argmax(-1), None
         params = batch.params
@@ -78,21 +106,23 @@ class Sampler(nn.Module):
             return sample_full(logits, params), None
         rows = batch.candidate_rows
         if rows is None:
-            return sample_from_candidates(logits, params, batch.num_candidates, batch.full_normalizer)
+            token_ids, short_mass = sample_from_candidates(logits, params, batch.num_candidates,
+                                                           batch.full_normalizer)
+            return token_ids, short_mass if batch.full_normalizer else None
         # Mixed batch: rows without top-k / top-p take the full-vocabulary draw.
         token_ids = sample_full(logits, params)
         picked, short_mass = sample_from_candidates(logits[rows], params.take(rows), batch.num_candidates,
                                                     batch.full_normalizer)
-        needs_full_sort = torch.zeros_like(token_ids, dtype=torch.bool).index_copy_(0, rows, short_mass)
-        return token_ids.index_copy_(0, rows, picked), needs_full_sort
+        token_ids.index_copy_(0, rows, picked)
+        if not batch.full_normalizer:
+            return token_ids, None
+        return token_ids, torch.zeros_like(token_ids, dtype=torch.bool).index_copy_(0, rows, short_mass)
 
     @staticmethod
-    def _read(token_ids: torch.Tensor, needs_full_sort: torch.Tensor | None, logits: torch.Tensor,
-              batch: SamplingBatch) -> list[int]:
+    def _redo_short_rows(token_ids: torch.Tensor, needs_full_sort: torch.Tensor, logits: torch.Tensor,
+                         batch: SamplingBatch) -> list[int]:
         """The one sync: the sampled ids, with the rows top-p could not settle among its candidates.
         Those (rare) rows are redone over the whole vocabulary; token_ids is updated in place."""
-        if needs_full_sort is None:
-            return token_ids.tolist()
         host_ids, redo = torch.stack((token_ids, needs_full_sort.long())).tolist()
         redo = [row for row, flag in enumerate(redo) if flag]
         if not redo:

@@ -12,12 +12,13 @@ import pytest
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine import tp_channel
-from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from nanovllm.engine.tp_channel import CallChannel, WorkerGone
 from nanovllm.engine.tp_step import SequenceMirror, StepEncoder
 from nanovllm.testing.checkpoints import make_random_checkpoint
 from nanovllm.testing.tokenizer import train_tokenizer
 from tests.conftest import CPU_ENGINE, generate_while_killing_worker, hf_greedy
+from tests.test_async_scheduling import count_look_aheads
 
 MAX_NEW = 12
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
@@ -85,6 +86,20 @@ def test_sequences_that_finish_at_different_steps(tiny_model, tp_llm, prompts_an
     with LLM(tiny_model, **CPU_ENGINE) as one_rank:
         reference = [o["token_ids"] for o in one_rank.generate(prompts, params, use_tqdm=False)]
     assert [o["token_ids"] for o in tp_llm.generate(prompts, params, use_tqdm=False)] == reference
+
+
+def test_steps_queued_ahead_match_one_rank(tiny_model, tp_llm, prompts_and_reference):
+    """Asynchronous scheduling across ranks: the messages of queued steps carry placeholders, rank 0
+    broadcasts the sampled ids, and sequences that a stop token ends leave wasted rows."""
+    prompts, reference = prompts_and_reference
+    params = [SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[tokens[2 + i % 4]])
+              for i, tokens in enumerate(reference)]
+    with LLM(tiny_model, **CPU_ENGINE) as one_rank:
+        expected = one_rank.generate(prompts, params, use_tqdm=False)
+    counts = count_look_aheads(tp_llm)
+    fields = lambda outs: [(o["token_ids"], o["finish_reason"], o["stop_reason"]) for o in outs]  # noqa: E731
+    assert fields(tp_llm.generate(prompts, params, use_tqdm=False)) == fields(expected)
+    assert counts["queued"] > 0 and counts["wasted rows"] > 0
 
 
 def test_prefix_cache_hits_give_same_tokens(tp_llm, prompts_and_reference):
@@ -201,19 +216,35 @@ def test_step_messages_carry_only_what_changed():
     seq = Sequence(list(range(10, 20)), None, 4)
     seq.block_table, seq.num_scheduled_tokens = [7, 3, 5], 10
     first = encoder.encode([seq], is_prefill=True)
-    assert first.updates[0][1] == seq.token_ids and first.updates[0][3] == [7, 3, 5]
+    assert first.updates[0][2] == seq.token_ids and first.updates[0][4] == [7, 3, 5]
     [copy] = mirror.apply(first)
 
     seq.num_computed_tokens, seq.num_scheduled_tokens = 10, 1
     seq.append_token(99)
     decode = encoder.encode([seq], is_prefill=False)
-    assert decode.updates[0][1:4] == ([99], 3, [])  # one new token, no block-table entries
+    assert decode.updates[0][1:5] == (10, [99], 3, [])  # one new token, no block-table entries
     mirror.apply(decode)
     assert copy.token_ids == seq.token_ids and copy.block_table == seq.block_table
 
+    # A step scheduled ahead: the placeholder travels as such, and the next message replaces it.
+    seq.num_computed_tokens = 11
+    seq.append_placeholder()
+    ahead = encoder.encode([seq], is_prefill=False)
+    assert ahead.updates[0][1:3] == (11, [PLACEHOLDER])
+    mirror.apply(ahead)
+    assert copy.has_placeholder and copy.token_ids == seq.token_ids
+    seq.append_token(42)  # the token it stood for
+    seq.num_computed_tokens = 12
+    seq.append_placeholder()
+    mirror.apply(encoder.encode([seq], is_prefill=False))
+    assert copy.token_ids[-2:] == [42, PLACEHOLDER] and copy.token_ids == seq.token_ids
+    seq.drop_placeholder()  # the queued step was dropped (Ctrl-C): the position is sent again
+    mirror.apply(encoder.encode([seq], is_prefill=False))
+    assert copy.token_ids == seq.token_ids and not copy.has_placeholder
+
     seq.block_table = [1, 2, 4]  # preempted and readmitted elsewhere: a new table, sent whole
     readmitted = encoder.encode([seq], is_prefill=True)
-    assert readmitted.updates[0][2:4] == (0, [1, 2, 4])
+    assert readmitted.updates[0][3:5] == (0, [1, 2, 4])
     mirror.apply(readmitted)
     assert copy.block_table == [1, 2, 4]
 

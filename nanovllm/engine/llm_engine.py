@@ -50,9 +50,7 @@ class LLMEngine:
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         # The decode step queued while the previous one ran (asynchronous scheduling), not yet read.
         self.in_flight: tuple[list[Sequence], StepOutput] | None = None
-        # Tensor-parallel workers take each step's input ids from rank 0's message, which needs the
-        # last step's tokens on the host: they step synchronously.
-        self.async_scheduling = config.async_scheduling and self.workers is None
+        self.async_scheduling = config.async_scheduling
 
     # ---- intake -------------------------------------------------------------------------------
     def _tokenize(self, prompt, index: int) -> list[int]:
@@ -150,7 +148,7 @@ class LLMEngine:
                 following = self.scheduler.look_ahead(seqs)
                 if following:
                     self.in_flight = following, self._launch(following, False)
-            token_ids, logprobs = output.read()
+            token_ids, logprobs = output.read() if self.workers is None else self.workers.read_step(output.read)
         except BaseException:
             # Nothing of a failed step was committed on the host (a prefill is redone; the state the
             # runner carries over on the device is checked against the sequences' lengths next step).
@@ -184,9 +182,8 @@ class LLMEngine:
     def _launch(self, seqs: list[Sequence], is_prefill: bool) -> StepOutput:
         if self.workers is None:
             return self.model_runner.run(seqs, is_prefill)
-        # The workers get the step first, so they compute while rank 0 does. The tokens are read
-        # inside, where a failed collective is noticed and blamed on a dead worker.
-        return self.workers.run_step(seqs, is_prefill, lambda: self.model_runner.run(seqs, is_prefill).wait())
+        # The workers get the step first, so they compute while rank 0 does.
+        return self.workers.run_step(seqs, is_prefill, lambda: self.model_runner.run(seqs, is_prefill))
 
     def _after_sampling(self, seqs: list[Sequence], token_ids: list[int | None]) -> list[Sequence]:
         """Admit the siblings of requests whose prompt is now cached; detokenize the sequences that

@@ -162,14 +162,28 @@ class ModelRunner:
     def run_without_sampling(self, seqs: list[Sequence], is_prefill: bool) -> None:
         """Ranks > 0: the step's forward pass, which its collectives need; rank 0 samples. A decode
         step's input ids (what rank 0 sampled last, from its message) go to the device as such, so
-        that a step of the same batch advances its inputs there, as rank 0's does."""
-        input_ids = None if is_prefill else self.decode_inputs.to_device([seq.token_ids[-1] for seq in seqs])
+        that a step of the same batch advances its inputs there, as rank 0's does. A step scheduled
+        ahead has no ids in its message (placeholders): rank 0 broadcasts the ids it sampled."""
+        input_ids = None
+        if not is_prefill and seqs[0].has_placeholder:
+            self.decode_inputs.sampled = torch.empty(len(self.decode_inputs.seq_ids), dtype=torch.int64,
+                                                     device=self.device)
+            self._share_sampled_ids()
+        elif not is_prefill:
+            input_ids = self.decode_inputs.to_device([seq.token_ids[-1] for seq in seqs])
         self._forward_logits(seqs, is_prefill, input_ids)
+
+    def _share_sampled_ids(self) -> None:
+        """Every rank's decode_inputs.sampled becomes rank 0's: the ids of the last decode step, the
+        input ids of a step scheduled ahead (all of whose sequences end with a placeholder)."""
+        self.group.broadcast(self.decode_inputs.sampled, src=0)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> "StepOutput":
         """Queue one model step on the device. Its tokens are read from the returned StepOutput, which
         waits for them: the caller may queue the next step first (asynchronous scheduling)."""
+        if self.group.world_size > 1 and not is_prefill and seqs[0].has_placeholder:
+            self._share_sampled_ids()
         logits, sampled = self._forward_logits(seqs, is_prefill)
         sampling_seqs = [seq for seq, ok in zip(seqs, sampled) if ok]
         if not sampling_seqs:
@@ -198,8 +212,3 @@ class StepOutput:
                 self._result = ([next(token_ids) if ok else None for ok in sampled],
                                 [next(logprobs) if ok else None for ok in sampled] if output.logprobs else None)
         return self._result
-
-    def wait(self) -> "StepOutput":
-        """Read the results now; returns self."""
-        self.read()
-        return self

@@ -118,6 +118,12 @@ class WorkerPool:
             self.channel.send(self.encoder.encode(seqs, is_prefill))
             return run_rank0()
 
+    def read_step(self, read: Callable):
+        """Rank 0 waits for a step's results: returns read(). A collective that failed (a worker
+        died) shows here; Ctrl-C waits until the step has ended."""
+        with interrupts_deferred(), self.lockstep():
+            return read()
+
     def check_open(self) -> None:
         if self.failure is not None:  # a worker died since the last step
             self.close(graceful=False)

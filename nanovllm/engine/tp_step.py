@@ -4,13 +4,16 @@ A worker keeps a mirror of every sequence it has seen. Per step rank 0 sends, fo
 sequence, the tokens appended since the last message (a new sequence's whole prompt once, then one
 token per decode step), the block-table entries past those the worker already has, and the two
 counters that place this step's queries. Finished sequences are named once so the worker forgets them.
+A step scheduled ahead (asynchronous scheduling) ends its sequences with a PLACEHOLDER, sent as is:
+the next message sends that position again, with the token it stood for.
 """
 from dataclasses import dataclass
 
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import PLACEHOLDER, Sequence
 
-# (seq_id, new_token_ids, num_blocks_kept, new_block_ids, num_computed_tokens, num_scheduled_tokens)
-SeqUpdate = tuple[int, list[int], int, list[int], int, int]
+# (seq_id, num_tokens_kept, new_token_ids, num_blocks_kept, new_block_ids, num_computed_tokens,
+#  num_scheduled_tokens)
+SeqUpdate = tuple[int, int, list[int], int, list[int], int, int]
 
 
 @dataclass
@@ -46,13 +49,15 @@ class StepEncoder:
             sent = self.sent.get(seq.seq_id)
             if sent is None:
                 sent = self.sent[seq.seq_id] = _Sent(seq)
-            new_tokens = seq.token_ids[sent.num_tokens:]  # token lists only grow
+            kept_tokens = sent.num_tokens
+            new_tokens = seq.token_ids[kept_tokens:]  # token lists only grow (bar a placeholder)
             # Block tables grow in place; freeing a sequence's blocks (preemption) gives it a new list.
             table = seq.block_table
             kept = sent.num_blocks if table is sent.block_table and len(table) >= sent.num_blocks else 0
-            updates.append((seq.seq_id, new_tokens, kept, table[kept:], seq.num_computed_tokens,
+            updates.append((seq.seq_id, kept_tokens, new_tokens, kept, table[kept:], seq.num_computed_tokens,
                             seq.num_scheduled_tokens))
-            sent.num_tokens, sent.block_table, sent.num_blocks = len(seq.token_ids), table, len(table)
+            sent.num_tokens = len(seq.token_ids) - seq.has_placeholder
+            sent.block_table, sent.num_blocks = table, len(table)
         return StepCall(is_prefill, updates, forget)
 
 
@@ -68,11 +73,13 @@ class SequenceMirror:
         for seq_id in call.forget:
             self.seqs.pop(seq_id, None)
         batch = []
-        for seq_id, new_tokens, kept, new_blocks, num_computed, num_scheduled in call.updates:
+        for seq_id, kept_tokens, new_tokens, kept, new_blocks, num_computed, num_scheduled in call.updates:
             seq = self.seqs.get(seq_id)
             if seq is None:
                 seq = self.seqs[seq_id] = Sequence([], None, self.block_size)
+            del seq.token_ids[kept_tokens:]
             seq.token_ids += new_tokens
+            seq.has_placeholder = seq.token_ids[-1] == PLACEHOLDER
             del seq.block_table[kept:]
             seq.block_table += new_blocks
             seq.num_computed_tokens, seq.num_scheduled_tokens = num_computed, num_scheduled

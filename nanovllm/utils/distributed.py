@@ -32,6 +32,13 @@ class ParallelGroup:
             dist.all_reduce(x, group=self.group)
         return x
 
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """In place: every rank's x becomes rank src's. (The group is not registered with
+        torch.distributed, which could not map src to a global rank: the group's own call.)"""
+        if self.world_size > 1:
+            self.group.broadcast(x, src).wait()  # on CUDA, the wait orders the current stream
+        return x
+
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Concatenate every rank's x along dim (on every rank)."""
         if self.world_size == 1:

@@ -20,13 +20,18 @@ class RawLogprobs:
         top = logprobs.topk(max(counts), dim=-1) if max(counts) else None
         return cls(rows, counts, logprobs, top)
 
-    def read(self, token_ids: torch.Tensor, batch_size: int) -> list[dict[int, float] | None]:
-        """token_ids: the sampled ids [B] on the device. Returns, per batch row, None or a dict
-        {token_id: logprob} holding the sampled token first, then the top tokens, most likely first."""
+    def select(self, token_ids: torch.Tensor) -> list[torch.Tensor]:
+        """The device tensors the output needs, given the sampled ids [B]: the rows' sampled ids and
+        their logprobs [R], then the top values and ids [R, max(counts)] when counts ask for any."""
         sampled = token_ids.index_select(0, torch.tensor(self.rows, device=token_ids.device))
-        sampled_logprobs = self.logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1)
-        sampled, sampled_logprobs = sampled.tolist(), sampled_logprobs.tolist()
-        top_values, top_ids = ([], []) if self.top is None else (self.top[0].tolist(), self.top[1].tolist())
+        parts = [sampled, self.logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1)]
+        return parts + (list(self.top) if self.top is not None else [])
+
+    def assemble(self, parts: list[list], batch_size: int) -> list[dict[int, float] | None]:
+        """parts: select()'s tensors as lists. Returns, per batch row, None or a dict {token_id:
+        logprob} holding the sampled token first, then the top tokens, most likely first."""
+        sampled, sampled_logprobs, *top = parts
+        top_values, top_ids = top if top else ([], [])
         out: list[dict[int, float] | None] = [None] * batch_size
         for i, (row, count) in enumerate(zip(self.rows, self.counts)):
             entry = {sampled[i]: sampled_logprobs[i]}

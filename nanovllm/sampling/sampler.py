@@ -14,36 +14,46 @@ from nanovllm.utils.batch_rows import kept_rows
 
 
 class SamplerOutput:
-    """A step's sampled ids, on the device at once and read to the host on first use, so the caller
-    can queue more device work (the next step) before it waits for them."""
+    """A step's sampled ids (and logprobs), on the device at once and read to the host on first use,
+    so the caller can queue more device work (the next step) before it waits for them."""
 
     def __init__(self, device_token_ids: torch.Tensor, raw: RawLogprobs | None,
                  host_token_ids: list[int] | None = None):
         self.device_token_ids = device_token_ids  # [B] int64
         self._raw = raw
         self._host_token_ids = host_token_ids
-        if host_token_ids is None and device_token_ids.is_cuda:  # start the copy; token_ids waits for it
-            self._copy = torch.empty(device_token_ids.shape, dtype=torch.int64, pin_memory=True)
-            self._copy.copy_(device_token_ids, non_blocking=True)
+        self._logprobs = None
+        # Start the copies now, behind this step's work alone; reading waits for them, not for the
+        # device work queued after (the next step).
+        self._num_id_parts = 0 if host_token_ids is not None else 1
+        parts = [device_token_ids][:self._num_id_parts] + (raw.select(device_token_ids) if raw else [])
+        if device_token_ids.is_cuda:
+            self._copies = [torch.empty(part.shape, dtype=part.dtype, pin_memory=True) for part in parts]
+            for copy, part in zip(self._copies, parts):
+                copy.copy_(part, non_blocking=True)
             self._copied = torch.cuda.Event()
             self._copied.record()
         else:
-            self._copy, self._copied = device_token_ids, None
-        self._logprobs = None
+            self._copies, self._copied = parts, None
+
+    def _host(self) -> list[torch.Tensor]:
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+        return self._copies
 
     @property
     def token_ids(self) -> list[int]:  # [B]
         if self._host_token_ids is None:
-            if self._copied is not None:
-                self._copied.synchronize()
-            self._host_token_ids = self._copy.tolist()
+            self._host_token_ids = self._host()[0].tolist()
         return self._host_token_ids
 
     @property
     def logprobs(self) -> list[dict[int, float] | None] | None:
         """[B] when some row asked, else None."""
         if self._raw is not None and self._logprobs is None:
-            self._logprobs = self._raw.read(self.device_token_ids, len(self.device_token_ids))
+            parts = self._host()[self._num_id_parts:]
+            self._logprobs = self._raw.assemble([part.tolist() for part in parts], len(self.device_token_ids))
         return self._logprobs
 
 

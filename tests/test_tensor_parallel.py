@@ -7,8 +7,10 @@ import random
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine import tp_channel
@@ -158,6 +160,37 @@ def test_killed_worker_raises_within_seconds(tiny_model, prompts_and_reference, 
         assert outcome and "rank 1" in str(outcome[0]) and "SIGKILL" in str(outcome[0])
         with pytest.raises(RuntimeError, match="rank 1"):  # and it stays failed, clearly
             greedy_tokens(llm, prompts)
+    assert_nothing_left(pids, threads_before)
+
+
+class AbortThatHangs:
+    """A process group whose abort() blocks until released, as NCCL's did on 2 x H100 while kernels
+    waited on a dead rank; then it aborts for real."""
+
+    def __init__(self, group):
+        self.group, self.released = group, threading.Event()
+
+    def abort(self):
+        self.released.wait()
+        self.group.abort()
+
+
+def test_killed_worker_raises_even_when_the_group_abort_hangs(tiny_model, prompts_and_reference, monkeypatch):
+    prompts, _ = prompts_and_reference
+    threads_before = {t.ident for t in threading.enumerate()}
+    with LLM(tiny_model, **TP2) as llm:
+        pids = worker_pids(llm)
+        pool = llm.workers
+        hanging = AbortThatHangs(pool.group.group)
+        # The watchdog aborts the group on CUDA only (gloo notices a dead peer by itself).
+        monkeypatch.setattr(pool, "device", torch.device("cuda"))
+        monkeypatch.setattr(pool, "group", SimpleNamespace(group=hanging))
+        outcome, seconds = generate_while_killing_worker(llm, monkeypatch, lambda: greedy_tokens(llm, prompts),
+                                                         pids[0], kill_at_call=2, deadline=30)
+        assert seconds < 15
+        assert outcome and "rank 1" in str(outcome[0])
+        hanging.released.set()  # the abort returns at last; the watchdog thread ends
+        pool._watchdog.join(10)
     assert_nothing_left(pids, threads_before)
 
 

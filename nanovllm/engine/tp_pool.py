@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 # How long a worker gets to exit after EXIT before it is killed.
 EXIT_TIMEOUT_S = 10.0
+# How long close() waits for the watchdog. Seen on 2 x H100: NCCL's abort, called by the watchdog when
+# a worker died, did not return while kernels waited on the dead rank; the engine must still report.
+WATCHDOG_JOIN_S = 5.0
 
 _open_pools: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
 
@@ -186,9 +189,14 @@ class WorkerPool:
         self.closed = True
         _open_pools.discard(self)
         graceful = graceful and self.failure is None
+        aborting = False  # the watchdog is still aborting the group: leave the group and graphs alone
         if self._watchdog is not None:  # first, so that workers exiting now are not reported as deaths
             self._stop_watchdog.close()
-            self._watchdog.join()
+            self._watchdog.join(WATCHDOG_JOIN_S)
+            aborting = self._watchdog.is_alive()
+            if aborting:
+                logger.error("the process group's abort has not returned in %.0f s; leaving it (this "
+                             "engine's GPU memory is freed when the process exits)", WATCHDOG_JOIN_S)
         if graceful:
             try:
                 self.channel.send(EXIT)
@@ -196,13 +204,13 @@ class WorkerPool:
                 pass
         group = getattr(self, "group", None)
         runner = self.rank0_runner()
-        if runner is not None:  # NCCL's shutdown waits for graphs that captured its collectives
+        if runner is not None and not aborting:  # NCCL's shutdown waits for graphs that captured its collectives
             runner.release_graphs()
         if group is not None and graceful:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             group.group.shutdown()
-        elif group is not None:
+        elif group is not None and not aborting:
             group.group.abort()
         for process in self.processes:
             process.join(EXIT_TIMEOUT_S if graceful else 0)

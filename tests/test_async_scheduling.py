@@ -137,6 +137,30 @@ def test_interrupt_with_a_step_queued_leaves_another_calls_sequences_correct(tin
     assert tokens == reference
 
 
+def test_a_wasted_row_never_evicts_a_cached_prefix(tiny_model):
+    """A stop token ends a sequence just as its next token would open a block, when the only free
+    blocks hold a cached prefix: the queued step must not have taken one of them (found in review)."""
+    greedy = dict(temperature=0, ignore_eos=True)
+    cached_prompt = [(5 * j) % 400 + 3 for j in range(33)]  # two full blocks of 16 stay cached
+    with LLM(tiny_model, **(CPU_ENGINE | {"num_kvcache_blocks": 8})) as llm:
+        for attempt in range(50):  # a prompt whose 16th generated token has not appeared before it
+            prompt = [(11 * j + 7 * attempt) % 400 + 3 for j in range(81)]
+            tokens = llm.generate([prompt], SamplingParams(max_tokens=16, **greedy), use_tqdm=False)[0]["token_ids"]
+            if tokens[15] not in tokens[:15]:
+                break
+    cached = {}
+    for async_scheduling in (False, True):
+        with LLM(tiny_model, **(CPU_ENGINE | {"num_kvcache_blocks": 8}), async_scheduling=async_scheduling) as llm:
+            llm.generate([cached_prompt], SamplingParams(max_tokens=1, **greedy), use_tqdm=False)
+            # 81 + 15 = 96 tokens: the 16th token would open the 7th block; the stop token ends it.
+            out = llm.generate([prompt], SamplingParams(max_tokens=40, stop_token_ids=[tokens[15]], **greedy),
+                               use_tqdm=False)[0]
+            assert len(out["token_ids"]) == 16 and out["finish_reason"] == "stop"
+            again = llm.generate([cached_prompt], SamplingParams(max_tokens=1, **greedy), use_tqdm=False)[0]
+            cached[async_scheduling] = again["num_cached_tokens"]
+    assert cached == {False: 32, True: 32}
+
+
 def test_async_scheduling_must_be_a_bool(tiny_model):
     with pytest.raises(TypeError, match="async_scheduling"):
         LLM(tiny_model, **CPU_ENGINE, async_scheduling="yes")

@@ -27,6 +27,8 @@ def check_invariants(bm: BlockManager, live: list[Sequence]) -> None:
     for block in bm.blocks:
         assert block.ref_count == refs.get(block.block_id, 0)
         assert (block.block_id in bm.free_block_ids) == (block.ref_count == 0)
+        registered = bm.hash_to_block_id.get(block.hash) == block.block_id
+        assert (block.block_id in bm.free_uncached_ids) == (block.ref_count == 0 and not registered)
     for h, b in bm.hash_to_block_id.items():
         assert bm.blocks[b].hash == h
 
@@ -142,3 +144,20 @@ def test_eviction_reuses_least_recently_freed_block_and_unregisters_its_hash():
     assert full_block in b.block_table
     assert all(bm.blocks[b_id].hash != NO_HASH for b_id in b.block_table)
     check_invariants(bm, [b])
+
+
+def test_a_new_block_evicts_a_cached_prefix_only_when_nothing_else_is_free():
+    bm = BlockManager(5, BS)
+    a = computed(bm, seq_of(list(range(2 * BS)) + [1]))  # two cached full blocks and a partial one
+    cached, partial = a.block_table[:2], a.block_table[2]
+    bm.deallocate(a)  # freed after the never-used blocks 3 and 4: the cached ones are the oldest freed
+    b = seq_of(range(700, 710))
+    bm.allocate(b)  # one block: the oldest free block that caches nothing
+    c = seq_of(range(800, 2 * BS + 800))
+    bm.allocate(c)  # two more: still not cached ones
+    assert not set(cached) & set(b.block_table + c.block_table) and partial in b.block_table + c.block_table
+    assert bm.num_free_uncached_blocks == 0
+    again = seq_of(list(range(2 * BS)))
+    bm.allocate(again)
+    assert again.block_table == cached and again.num_computed_tokens == BS  # the last token is recomputed
+    check_invariants(bm, [b, c, again])

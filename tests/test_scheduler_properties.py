@@ -121,6 +121,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         for block in self.manager.blocks:
             assert block.ref_count == holders[block.block_id]
             assert (block.block_id in self.manager.free_block_ids) == (block.ref_count == 0)
+            # The uncached free blocks (taken first) are exactly the free ones no hash points at.
+            registered = self.manager.hash_to_block_id.get(block.hash) == block.block_id
+            assert (block.block_id in self.manager.free_uncached_ids) == (block.ref_count == 0 and not registered)
 
     @invariant()
     def hash_map_points_at_matching_blocks(self):

@@ -1,8 +1,9 @@
 """KV-cache blocks: allocation, reference counts and the prefix cache.
 
 A full block is identified by a hash of its tokens chained with the previous block's hash, so equal
-hashes mean equal prefixes. Freed blocks keep their hash and stay hittable until they are reused,
-oldest-freed first.
+hashes mean equal prefixes. Freed blocks keep their hash and stay hittable until they are reused. A new
+block is a free block that caches nothing, if there is one (the oldest freed), else the oldest freed
+cached block: a cached prefix is evicted only when nothing else is free.
 """
 from array import array
 from collections import OrderedDict
@@ -37,6 +38,8 @@ class BlockManager:
         self.hash_to_block_id: dict[int, int] = {}
         # Insertion order = order of freeing: reuse the least recently freed block first (LRU eviction).
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # The free blocks that no prefix-cache entry points at, in the same order: taken first.
+        self.free_uncached_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
 
     @property
     def num_blocks(self) -> int:
@@ -45,6 +48,11 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         return len(self.free_block_ids)
+
+    @property
+    def num_free_uncached_blocks(self) -> int:
+        """Free blocks that can be taken without evicting a cached prefix."""
+        return len(self.free_uncached_ids)
 
     @staticmethod
     def _block_hash(seq: Sequence, i: int) -> int:
@@ -80,6 +88,7 @@ class BlockManager:
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self.free_block_ids[block_id]
+                self.free_uncached_ids.pop(block_id, None)
             block.ref_count += 1
             seq.block_table.append(block_id)
         while len(seq.block_table) < seq.num_blocks:
@@ -89,7 +98,11 @@ class BlockManager:
             seq.num_cached_tokens = seq.num_computed_tokens
 
     def _take_free_block(self) -> int:
-        block_id, _ = self.free_block_ids.popitem(last=False)
+        if self.free_uncached_ids:
+            block_id, _ = self.free_uncached_ids.popitem(last=False)
+            del self.free_block_ids[block_id]
+        else:
+            block_id, _ = self.free_block_ids.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash != NO_HASH and self.hash_to_block_id.get(block.hash) == block_id:
             del self.hash_to_block_id[block.hash]
@@ -103,6 +116,8 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_block_ids[block_id] = None
+                if block.hash == NO_HASH or self.hash_to_block_id.get(block.hash) != block_id:
+                    self.free_uncached_ids[block_id] = None
         seq.block_table = []
         seq.num_computed_tokens = 0
 

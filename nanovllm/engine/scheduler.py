@@ -103,8 +103,12 @@ class Scheduler:
         block_size = self.block_manager.block_size
         # The next step writes K/V at position len(seq): a new block when that is a block boundary.
         following = [seq for seq in seqs if not self._reaches_length(seq, len(seq.token_ids) + 1)]
-        new_blocks = sum(1 for seq in following if len(seq.token_ids) == len(seq.block_table) * block_size)
-        if not following or new_blocks > self.block_manager.num_free_blocks:
+        opening = [seq for seq in following if len(seq.token_ids) == len(seq.block_table) * block_size]
+        if not following or len(opening) > self.block_manager.num_free_blocks:
+            return []
+        # A row that the unknown token may end must not evict a cached prefix for its block, which
+        # synchronous stepping would keep: then step synchronously.
+        if len(opening) > self.block_manager.num_free_uncached_blocks and any(map(self._may_stop, opening)):
             return []
         for seq in following:
             seq.append_placeholder()
@@ -190,6 +194,12 @@ class Scheduler:
         if self._reaches_length(seq, num_tokens):
             return "length", None
         return None, None
+
+    @staticmethod
+    def _may_stop(seq: Sequence) -> bool:
+        """Whether a token can end seq before its length does (eos, a stop token or string)."""
+        params = seq.sampling_params
+        return not params.ignore_eos or bool(params.stop_token_ids) or bool(params.stop)
 
     def _reaches_length(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether seq is done by length once it holds num_tokens tokens."""

@@ -195,6 +195,8 @@ class ModelRunner:
 
 
 class StepOutput:
+    """A queued step's results, read from the device when first asked for."""
+
     def __init__(self, sampled: list[bool], output: SamplerOutput | None):
         self.sampled = sampled  # [B]: whether the step samples a token for each sequence
         self.output = output

@@ -149,7 +149,8 @@ class Scheduler:
     def postprocess(self, seqs: list[Sequence], token_ids: list[int | None],
                     logprobs: list[dict[int, float] | None] | None = None) -> list[Sequence]:
         """Commit the step's K/V, append sampled tokens (None: prefill chunk not finished) and their
-        logprobs, and return the sequences that finished."""
+        logprobs, and return the sequences that finished. A row whose sequence finished while the
+        step ran (a wasted row of a queued step) is skipped, and its token_ids entry set to None."""
         finished = []
         for i, (seq, token_id) in enumerate(zip(seqs, token_ids)):
             if seq.is_finished:  # finished while this step ran (asynchronous scheduling): a wasted row

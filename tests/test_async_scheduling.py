@@ -160,7 +160,3 @@ def test_a_wasted_row_never_evicts_a_cached_prefix(tiny_model):
             cached[async_scheduling] = again["num_cached_tokens"]
     assert cached == {False: 32, True: 32}
 
-
-def test_async_scheduling_must_be_a_bool(tiny_model):
-    with pytest.raises(TypeError, match="async_scheduling"):
-        LLM(tiny_model, **CPU_ENGINE, async_scheduling="yes")

@@ -22,6 +22,7 @@ from nanovllm.engine.input_batch import StepInputs
 from nanovllm.engine.sequence import Sequence
 from nanovllm.utils.batch_rows import kept_rows
 from nanovllm.utils.context import AttentionMetadata
+from nanovllm.utils.transfer import to_device
 
 
 class DecodeInputs:
@@ -96,7 +97,7 @@ class DecodeInputs:
         """The batch lost rows: move the kept ones (kept[i]: the old row of row i) up, in order, and
         pad the rows they leave. Returns kept as a device index."""
         num_rows, old_rows = len(kept), len(self.seq_ids)
-        index = self.to_device(kept)
+        index = to_device(kept, torch.int64, self.device)
         int64_rows = self._int64_rows
         int64_rows[:, :num_rows] = int64_rows[:, index]
         self.context_lens[:num_rows] = self.context_lens[index]
@@ -122,15 +123,11 @@ class DecodeInputs:
         if opening:
             self._open_blocks(seqs, opening)
 
-    def to_device(self, values: list) -> torch.Tensor:
-        """An int64 device tensor of values (a list, or a list of equal-length lists), copied asynchronously."""
-        return torch.tensor(values, dtype=torch.int64, pin_memory=self.on_cuda).to(self.device, non_blocking=True)
-
     def _open_blocks(self, seqs: list[Sequence], rows: list[int]) -> None:
         """The new token of each of rows sits at offset 0 of a block the scheduler just appended."""
         columns = [(len(seqs[row]) - 1) // self.block_size for row in rows]
         blocks = [seqs[row].block_table[column] for row, column in zip(rows, columns)]
-        rows_d, columns_d, blocks_d = self.to_device([rows, columns, blocks])
+        rows_d, columns_d, blocks_d = to_device([rows, columns, blocks], torch.int64, self.device)
         self.block_tables[rows_d, columns_d] = blocks_d.int()
         self.slots[rows_d] = blocks_d * self.block_size
         self.table_width = max(self.table_width, max(columns) + 1)

@@ -19,6 +19,7 @@ from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.context import set_context
 from nanovllm.utils.distributed import ParallelGroup, building_with
 from nanovllm.utils.loader import checkpoint_numel, load_model
+from nanovllm.utils.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ class ModelRunner:
                                                      device=self.device)
             self._share_sampled_ids()
         elif not is_prefill:
-            input_ids = self.decode_inputs.to_device([seq.token_ids[-1] for seq in seqs])
+            input_ids = to_device([seq.token_ids[-1] for seq in seqs], torch.int64, self.device)
         self._forward_logits(seqs, is_prefill, input_ids)
 
     def _share_sampled_ids(self) -> None:

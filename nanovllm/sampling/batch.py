@@ -7,11 +7,7 @@ import torch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling.filters import TOP_P_CANDIDATES, RowParams
 from nanovllm.sampling.noise import seeded_uniform
-
-
-def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # Pinned host memory lets the copy run asynchronously on CUDA.
-    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+from nanovllm.utils.transfer import to_device
 
 
 @dataclass

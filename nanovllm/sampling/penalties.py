@@ -12,6 +12,7 @@ import torch
 
 from nanovllm.engine.sequence import Sequence
 from nanovllm.utils.batch_rows import kept_rows
+from nanovllm.utils.transfer import to_device
 
 
 @dataclass
@@ -26,10 +27,6 @@ class PenaltyRows:
     max_length: int
     any_repetition: bool
     any_presence_or_frequency: bool
-
-
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
 
 class PenaltyState:
@@ -124,8 +121,8 @@ class PenaltyState:
             repetition.append(p.repetition_penalty)
             presence.append(p.presence_penalty)
             frequency.append(p.frequency_penalty)
-        ints = _to_device([rows, slots, lengths], torch.int64, device)
-        floats = _to_device([repetition, presence, frequency], torch.float32, device)
+        ints = to_device([rows, slots, lengths], torch.int64, device)
+        floats = to_device([repetition, presence, frequency], torch.float32, device)
         self.last_penalized = penalized
         self.last_rows = PenaltyRows(*ints, *floats, max(lengths), any_repetition=any(r != 1.0 for r in repetition),
                                      any_presence_or_frequency=any(presence) or any(frequency))
@@ -136,9 +133,9 @@ class PenaltyState:
         history one token longer: taken from the last step's rows on the device."""
         self._catch_up_entries()
         last = self.last_rows
-        index = _to_device(kept, torch.int64, device)
+        index = to_device(kept, torch.int64, device)
         self.last_rows = replace(
-            last, rows=_to_device([row for row, _ in penalized], torch.int64, device), slots=last.slots[index],
+            last, rows=to_device([row for row, _ in penalized], torch.int64, device), slots=last.slots[index],
             lengths=last.lengths[index] + 1, repetition=last.repetition[index], presence=last.presence[index],
             frequency=last.frequency[index], max_length=last.max_length + 1)
         self.last_penalized = penalized

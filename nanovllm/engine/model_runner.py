@@ -146,6 +146,8 @@ class ModelRunner:
         if is_prefill:
             inputs = self.inputs.prefill(seqs)
         else:
+            if self.group.world_size > 1 and seqs[0].has_placeholder:
+                self._share_sampled_ids()
             inputs = self.decode_inputs.prepare(seqs, self.graphs.bucket(len(seqs)) if graphed else len(seqs),
                                                 decode_input_ids)
         set_context(inputs.meta)
@@ -165,26 +167,23 @@ class ModelRunner:
         step's input ids (what rank 0 sampled last, from its message) go to the device as such, so
         that a step of the same batch advances its inputs there, as rank 0's does. A step scheduled
         ahead has no ids in its message (placeholders): rank 0 broadcasts the ids it sampled."""
-        input_ids = None
-        if not is_prefill and seqs[0].has_placeholder:
-            self.decode_inputs.sampled = torch.empty(len(self.decode_inputs.seq_ids), dtype=torch.int64,
-                                                     device=self.device)
-            self._share_sampled_ids()
-        elif not is_prefill:
-            input_ids = to_device([seq.token_ids[-1] for seq in seqs], torch.int64, self.device)
+        known_ids = not is_prefill and not seqs[0].has_placeholder
+        input_ids = to_device([seq.token_ids[-1] for seq in seqs], torch.int64, self.device) if known_ids else None
         self._forward_logits(seqs, is_prefill, input_ids)
 
     def _share_sampled_ids(self) -> None:
         """Every rank's decode_inputs.sampled becomes rank 0's: the ids of the last decode step, the
-        input ids of a step scheduled ahead (all of whose sequences end with a placeholder)."""
+        input ids of a step scheduled ahead (all of whose sequences end with a placeholder). The
+        other ranks hold one id per row of their last decode batch, as rank 0 sampled."""
+        if self.group.rank > 0:
+            self.decode_inputs.sampled = torch.empty(len(self.decode_inputs.seq_ids), dtype=torch.int64,
+                                                     device=self.device)
         self.group.broadcast(self.decode_inputs.sampled, src=0)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> "StepOutput":
         """Queue one model step on the device. Its tokens are read from the returned StepOutput, which
         waits for them: the caller may queue the next step first (asynchronous scheduling)."""
-        if self.group.world_size > 1 and not is_prefill and seqs[0].has_placeholder:
-            self._share_sampled_ids()
         logits, sampled = self._forward_logits(seqs, is_prefill)
         sampling_seqs = [seq for seq, ok in zip(seqs, sampled) if ok]
         if not sampling_seqs:

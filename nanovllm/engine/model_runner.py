@@ -195,22 +195,18 @@ class ModelRunner:
 
 
 class StepOutput:
-    """A queued step's results, read from the device when first asked for."""
+    """A queued step's results, read from the device when asked for."""
 
     def __init__(self, sampled: list[bool], output: SamplerOutput | None):
         self.sampled = sampled  # [B]: whether the step samples a token for each sequence
         self.output = output
-        self._result = None
 
     def read(self) -> tuple[list[int | None], list[dict[int, float] | None] | None]:
         """Each sequence's next token (None for an unfinished prefill chunk) and, when some sequence
         asked for logprobs, each one's {token_id: logprob} (else None). Waits for the device."""
-        if self._result is None:
-            sampled, output = self.sampled, self.output
-            if output is None:
-                self._result = [None] * len(sampled), None
-            else:
-                token_ids, logprobs = iter(output.token_ids), iter(output.logprobs or ())
-                self._result = ([next(token_ids) if ok else None for ok in sampled],
-                                [next(logprobs) if ok else None for ok in sampled] if output.logprobs else None)
-        return self._result
+        sampled, output = self.sampled, self.output
+        if output is None:
+            return [None] * len(sampled), None
+        token_ids, logprobs = iter(output.token_ids), iter(output.logprobs or ())
+        return ([next(token_ids) if ok else None for ok in sampled],
+                [next(logprobs) if ok else None for ok in sampled] if output.logprobs else None)

@@ -150,11 +150,10 @@ class Scheduler:
                     logprobs: list[dict[int, float] | None] | None = None) -> list[Sequence]:
         """Commit the step's K/V, append sampled tokens (None: prefill chunk not finished) and their
         logprobs, and return the sequences that finished. A row whose sequence finished while the
-        step ran (a wasted row of a queued step) is skipped, and its token_ids entry set to None."""
+        step ran (a wasted row of a queued step) is skipped."""
         finished = []
         for i, (seq, token_id) in enumerate(zip(seqs, token_ids)):
             if seq.is_finished:  # finished while this step ran (asynchronous scheduling): a wasted row
-                token_ids[i] = None
                 continue
             self.block_manager.commit_computed(seq, seq.num_scheduled_tokens)
             if token_id is None:

@@ -17,16 +17,14 @@ class SamplerOutput:
     """A step's sampled ids (and logprobs), on the device at once and read to the host on first use,
     so the caller can queue more device work (the next step) before it waits for them."""
 
-    def __init__(self, device_token_ids: torch.Tensor, raw: RawLogprobs | None,
-                 host_token_ids: list[int] | None = None):
+    def __init__(self, device_token_ids: torch.Tensor, raw: RawLogprobs | None):
         self.device_token_ids = device_token_ids  # [B] int64
         self._raw = raw
-        self._host_token_ids = host_token_ids
+        self._host_token_ids = None
         self._logprobs = None
         # Start the copies now, behind this step's work alone; reading waits for them, not for the
         # device work queued after (the next step).
-        self._num_id_parts = 0 if host_token_ids is not None else 1
-        parts = [device_token_ids][:self._num_id_parts] + (raw.select(device_token_ids) if raw else [])
+        parts = [device_token_ids] + (raw.select(device_token_ids) if raw else [])
         if device_token_ids.is_cuda:
             self._copies = [torch.empty(part.shape, dtype=part.dtype, pin_memory=True) for part in parts]
             for copy, part in zip(self._copies, parts):
@@ -52,7 +50,7 @@ class SamplerOutput:
     def logprobs(self) -> list[dict[int, float] | None] | None:
         """[B] when some row asked, else None."""
         if self._raw is not None and self._logprobs is None:
-            parts = self._host()[self._num_id_parts:]
+            parts = self._host()[1:]
             self._logprobs = self._raw.assemble([part.tolist() for part in parts], len(self.device_token_ids))
         return self._logprobs
 
@@ -98,10 +96,11 @@ class Sampler(nn.Module):
         token_ids, needs_full_sort = self._sample(logits, batch)
         # Rows top-p could not settle are redone now (a sync): the ids on the device must be final
         # when this returns, as the next step may take them as its inputs before they are read.
-        host_ids = None if needs_full_sort is None else self._redo_short_rows(token_ids, needs_full_sort, logits, batch)
+        if needs_full_sort is not None:
+            self._redo_short_rows(token_ids, needs_full_sort, logits, batch)
         if penalty_rows is not None:
             self.penalty_state.record(penalty_rows, token_ids)
-        return SamplerOutput(token_ids, raw, host_ids)
+        return SamplerOutput(token_ids, raw)
 
     @staticmethod
     def _sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -130,14 +129,10 @@ class Sampler(nn.Module):
 
     @staticmethod
     def _redo_short_rows(token_ids: torch.Tensor, needs_full_sort: torch.Tensor, logits: torch.Tensor,
-                         batch: SamplingBatch) -> list[int]:
-        """The one sync: the sampled ids, with the rows top-p could not settle among its candidates.
-        Those (rare) rows are redone over the whole vocabulary; token_ids is updated in place."""
-        host_ids, redo = torch.stack((token_ids, needs_full_sort.long())).tolist()
-        redo = [row for row, flag in enumerate(redo) if flag]
-        if not redo:
-            return host_ids
-        rows = torch.tensor(redo, device=logits.device)
-        picked, _ = sample_from_candidates(logits[rows], batch.params.take(rows), logits.shape[1], False)
-        token_ids.index_copy_(0, rows, picked)
-        return token_ids.tolist()
+                         batch: SamplingBatch) -> None:
+        """Redo, over the whole vocabulary, the (rare) rows top-p could not settle among its candidates;
+        token_ids is updated in place. Reading the flags is a sync."""
+        redo = needs_full_sort.nonzero().squeeze(1)
+        if len(redo):
+            picked, _ = sample_from_candidates(logits[redo], batch.params.take(redo), logits.shape[1], False)
+            token_ids.index_copy_(0, redo, picked)

@@ -23,7 +23,7 @@ from nanovllm.config import Config
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.tp_channel import CallChannel, WorkerGone
 from nanovllm.engine.tp_step import StepEncoder
-from nanovllm.engine.tp_worker import EXIT, cpu_threads_per_rank, rank_device, run_worker
+from nanovllm.engine.tp_worker import EXIT, cpu_threads_per_rank, end_group, rank_device, run_worker
 from nanovllm.utils.distributed import ParallelGroup, create_group, open_store
 
 logger = logging.getLogger(__name__)
@@ -203,15 +203,8 @@ class WorkerPool:
             except WorkerGone:
                 pass
         group = getattr(self, "group", None)
-        runner = self.rank0_runner()
-        if runner is not None and not aborting:  # NCCL's shutdown waits for graphs that captured its collectives
-            runner.release_graphs()
-        if group is not None and graceful:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            group.group.shutdown()
-        elif group is not None and not aborting:
-            group.group.abort()
+        if group is not None and not aborting:
+            end_group(group, self.rank0_runner(), self.device, graceful)
         for process in self.processes:
             process.join(EXIT_TIMEOUT_S if graceful else 0)
             if process.is_alive():

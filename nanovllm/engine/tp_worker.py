@@ -13,7 +13,7 @@ from nanovllm.config import Config
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.tp_channel import ChannelEndpoint
 from nanovllm.engine.tp_step import SequenceMirror, StepCall
-from nanovllm.utils.distributed import create_group, open_store
+from nanovllm.utils.distributed import ParallelGroup, create_group, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,20 @@ def log_like_rank0(rank: int, level: int) -> None:
     package.addHandler(handler)
 
 
+def end_group(group: ParallelGroup, runner: ModelRunner | None, device: torch.device, graceful: bool) -> None:
+    """End a rank's part of the group. Graceful: pending collectives drain, then shut down; otherwise
+    abort, as the peers may never join. runner: its CUDA graphs are freed first, since NCCL's
+    shutdown waits for graphs that captured its collectives."""
+    if runner is not None:
+        runner.release_graphs()
+    if graceful:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        group.group.shutdown()
+    else:
+        group.group.abort()
+
+
 def run_worker(rank: int, config: Config, store_port: int, channel: ChannelEndpoint, log_level: int) -> None:
     """The worker process's entry point. Returns (the process exits) when rank 0 sends EXIT or is gone."""
     log_like_rank0(rank, log_level)
@@ -82,13 +96,5 @@ def run_worker(rank: int, config: Config, store_port: int, channel: ChannelEndpo
     except EOFError:
         logger.warning("tensor-parallel rank %d: rank 0 is gone; exiting", rank)
     finally:
-        # A clean exit lets pending collectives drain; otherwise abort: the peers may never join.
-        if finished:
-            if runner is not None:  # NCCL's shutdown waits for graphs that captured its collectives
-                runner.release_graphs()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            group.group.shutdown()
-        else:
-            group.group.abort()
+        end_group(group, runner if finished else None, device, graceful=finished)
         channel.close()

@@ -13,7 +13,7 @@ from nanovllm.engine.decode_inputs import DecodeInputs
 from nanovllm.engine.input_batch import InputBuilder
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention
-from nanovllm.layers.fusable import EAGER_OPS, building_with_ops, compiled_ops
+from nanovllm.layers.ops import EAGER_OPS, building_with_ops, cuda_ops
 from nanovllm.sampling import Sampler, SamplerOutput
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.context import set_context
@@ -46,7 +46,7 @@ class ModelRunner:
             itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
             kv_cache.check_weights_fit_cuda(config, checkpoint_numel(config.model) * itemsize // group.world_size)
         # Layers are built directly on the device in the model's dtype, so they never pass device=.
-        ops = compiled_ops() if self.device.type == "cuda" and not config.enforce_eager else EAGER_OPS
+        ops = cuda_ops() if self.device.type == "cuda" and not config.enforce_eager else EAGER_OPS
         with torch.device(self.device), default_dtype(config.torch_dtype), building_with(group), \
                 building_with_ops(ops):
             self.model = Qwen3ForCausalLM(hf)

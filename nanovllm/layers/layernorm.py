@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from nanovllm.layers.fusable import current_ops
+from nanovllm.layers.ops import current_ops
 
 
 class RMSNorm(nn.Module):

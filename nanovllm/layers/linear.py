@@ -1,9 +1,9 @@
 """Tensor-parallel linears. Each parameter carries a `weight_loader(param, loaded, shard_id=None)`
 that copies this rank's slice of a checkpoint tensor, so sharding lives next to its layer."""
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.layers.ops import current_ops
 from nanovllm.utils.distributed import current_group
 
 
@@ -19,6 +19,7 @@ class LinearBase(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None):
         super().__init__()
         self.tp = current_group()
+        self.ops = current_ops()
         self.tp_dim = tp_dim
         self.weight = nn.Parameter(torch.empty(output_size, input_size))
         self.weight.weight_loader = self.weight_loader
@@ -34,7 +35,8 @@ class LinearBase(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = self.ops.linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
 
 
 class ReplicatedLinear(LinearBase):
@@ -89,8 +91,8 @@ class RowParallelLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
         super().__init__(divide(input_size, current_group().world_size), output_size, bias, tp_dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """gated: x is [gate | up] of the MLP, and the input is silu(gate) * up (ops.linear)."""
         # The bias is added once, after the sum, not once per rank.
-        y = F.linear(x, self.weight)
-        y = self.tp.all_reduce(y)
+        y = self.tp.all_reduce(self.ops.linear(x, self.weight, gated))
         return y if self.bias is None else y + self.bias

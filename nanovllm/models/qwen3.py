@@ -3,10 +3,9 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
-from nanovllm.layers.fusable import current_ops
+from nanovllm.layers.ops import current_ops
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
@@ -29,7 +28,7 @@ class Qwen3Attention(nn.Module):
                                         bias=False)
         self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, rope_theta(config))
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads)
-        # q_norm and k_norm hold the weights; forward applies them fused with the rotary embedding.
+        # q_norm and k_norm hold the weights; forward applies them with the rotary embedding (ops.qk_norm_rotate).
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.ops = current_ops()
@@ -48,11 +47,11 @@ class Qwen3MLP(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2)
+        # Applies the SiLU-and-multiply activation to [gate | up] itself, fused where it can.
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size)
-        self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x), gated=True)
 
 
 class Qwen3DecoderLayer(nn.Module):

@@ -1,8 +1,10 @@
-"""Small elementwise ops that torch.compile can fuse into one kernel each.
+"""The model's ops that have a faster CUDA implementation than plain torch.
 
-Layers take their ops from the set current while the model is built: eager (CPU, MPS, enforce_eager)
-or compiled (CUDA with graphs). A compiled decode step launches a few fused kernels per layer
-instead of dozens of tiny ones, which is what single-request decode is bound by.
+Layers take their ops from the set current while the model is built: eager (CPU, MPS, enforce_eager;
+the reference) or CUDA (with graphs). Single-request decode is bound by the number of kernels per layer
+and by how fast the linears stream their weights, so on CUDA the small elementwise ops are compiled
+into one fused kernel each, q/k normalization and rotation is one Triton kernel, and linears over a
+few rows use a Triton matrix-vector kernel. CPU-only builds never import Triton.
 """
 import functools
 from contextlib import contextmanager
@@ -35,6 +37,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    """x W^T. gated: x is [gate | up] ([N, 2 * in]) and the product takes silu_and_mul(x)."""
+    return F.linear(silu_and_mul(x) if gated else x, weight)
+
+
 def rotate(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor):
     """Neox-style rotary embedding. positions: [N]; q: [N, H, D]; k: [N, Hkv, D]; cache: [max_pos, D]."""
     cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, -1)
@@ -52,27 +59,38 @@ def qk_norm_rotate(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_
     return rotate(positions, _normalize(q, q_weight, eps), _normalize(k, k_weight, eps), cos_sin_cache)
 
 
-class FusableOps(NamedTuple):
+class ModelOps(NamedTuple):
     rms_norm: Callable
     add_rms_norm: Callable
-    silu_and_mul: Callable
     qk_norm_rotate: Callable
+    linear: Callable
 
 
-EAGER_OPS = FusableOps(rms_norm, add_rms_norm, silu_and_mul, qk_norm_rotate)
+EAGER_OPS = ModelOps(rms_norm, add_rms_norm, qk_norm_rotate, linear)
 
 
 @functools.cache
-def compiled_ops() -> FusableOps:
+def cuda_ops() -> ModelOps:
+    from nanovllm.layers.gemv import gemv, gemv_applies
+    from nanovllm.layers.qk_norm_rope import qk_norm_rope
+
     # dynamic=True: one compilation serves every batch size instead of one per size.
-    return FusableOps(*(torch.compile(op, dynamic=True) for op in EAGER_OPS))
+    compiled_silu_and_mul = torch.compile(silu_and_mul, dynamic=True)
+
+    def cuda_linear(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        if gemv_applies(x, weight):
+            return gemv(x, weight, gated)
+        return F.linear(compiled_silu_and_mul(x) if gated else x, weight)
+
+    return ModelOps(torch.compile(rms_norm, dynamic=True), torch.compile(add_rms_norm, dynamic=True),
+                    qk_norm_rope, cuda_linear)
 
 
 _building_ops = EAGER_OPS
 
 
 @contextmanager
-def building_with_ops(ops: FusableOps):
+def building_with_ops(ops: ModelOps):
     """Layers constructed inside this block use `ops`."""
     global _building_ops
     previous, _building_ops = _building_ops, ops
@@ -82,5 +100,5 @@ def building_with_ops(ops: FusableOps):
         _building_ops = previous
 
 
-def current_ops() -> FusableOps:
+def current_ops() -> ModelOps:
     return _building_ops

@@ -1,0 +1,73 @@
+"""y = x W^T for a decode batch of a few rows: a Triton kernel that streams W at memory bandwidth.
+
+At one to a few rows a linear layer is a matrix-vector product bound by reading the weight once.
+cuBLAS reaches about half the H100's bandwidth there (BENCHMARKS.md: 0.78 ms of a 1.35 ms step for
+1.2 GB of weights), and adds a split-K reduction kernel to narrow products. Each program here owns
+BLOCK_N output features of every row and walks the whole reduction dimension, so one launch does it all.
+
+`gated=True` takes x = [gate | up] ([M, 2K]) and multiplies by silu(gate) * up, computed while
+loading: the MLP's activation needs no kernel of its own.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Rows up to this many use the kernel. Measured on an H200 (scripts/probe_gemv.py, BENCHMARKS.md): at one
+# or two rows it matches cuBLAS on wide products and is 1.7-3x faster on the narrow ones (o and down
+# projections); from four rows on, each program's [rows, BLOCK_N, BLOCK_K] products cost more than
+# cuBLAS's tiles.
+MAX_ROWS = 2
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, num_rows, N, K, stride_x, stride_w, stride_y,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr):
+    features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    feature_mask = features < N
+    rows = tl.arange(0, BLOCK_M)
+    row_mask = rows < num_rows
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        ks = k_start + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        w = tl.load(w_ptr + features[:, None] * stride_w + ks[None, :],
+                    mask=feature_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+        x_offsets = rows[:, None] * stride_x + ks[None, :]
+        x_mask = row_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_ptr + x_offsets, mask=x_mask, other=0.0)  # [BLOCK_M, BLOCK_K]
+        if GATED:
+            gate = x.to(tl.float32)
+            up = tl.load(x_ptr + x_offsets + K, mask=x_mask, other=0.0).to(tl.float32)
+            # Rounded to the input dtype as the unfused silu_and_mul's output would be.
+            x = (gate / (1.0 + tl.exp(-gate)) * up).to(w.dtype)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    tl.store(y_ptr + rows[:, None] * stride_y + features[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & feature_mask[None, :])
+
+
+def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `gemv` serves this product: a CUDA batch of at most MAX_ROWS rows, one floating dtype."""
+    return (x.is_cuda and x.dim() == 2 and x.shape[0] <= MAX_ROWS and weight.dtype == x.dtype
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and weight.stride(1) == 1)
+
+
+def _config(n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for a weight [n, k]. The best on an H200 at Qwen3's shapes:
+    1024-wide loads, and two to eight features per program, about n / 1024 (so 512 to 1024 programs)."""
+    block_n = max(2, min(8, 1 << max(0, (n // 1024).bit_length() - 1)))
+    return block_n, min(1024, triton.next_power_of_2(k)), 4
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    """x: [M, K] (or [M, 2K] gate | up when gated), M <= MAX_ROWS; weight: [N, K] -> [M, N]."""
+    num_rows = x.shape[0]
+    n, k = weight.shape
+    assert x.stride(1) == 1 and x.shape[1] == (2 * k if gated else k)
+    y = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
+    block_n, block_k, num_warps = _config(n, k)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, y, num_rows, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        BLOCK_M=triton.next_power_of_2(num_rows), BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated,
+        num_warps=num_warps,
+    )
+    return y

@@ -1,0 +1,133 @@
+"""The Triton kernels of the model and the sampler (layers/gemv.py, layers/qk_norm_rope.py,
+sampling/race_kernel.py) against their torch references.
+
+On CPU the kernels run in Triton's interpreter, so CI checks their indexing and masking. The interpreter
+is chosen when Triton is imported, hence a subprocess; it runs float16, since it emulates bfloat16
+casts by truncation where a GPU rounds. On a GPU the kernels run compiled, at the models' shapes.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanovllm.layers import ops
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# One rounding of a result to the dtype, plus float32 sums in another order.
+ULP = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10, torch.float32: 1e-5}
+
+
+def check_gemv(rows: int, n: int, k: int, gated: bool, dtype: torch.dtype, device: str):
+    from nanovllm.layers.gemv import gemv
+
+    torch.manual_seed(rows * n + k)
+    w = torch.randn(n, k, dtype=dtype, device=device)
+    x = torch.randn(rows, 2 * k if gated else k, dtype=dtype, device=device)
+    y = gemv(x, w, gated)
+    assert y.shape == (rows, n) and y.dtype == dtype
+    if gated:
+        gate, up = x.chunk(2, -1)
+        x = (F.silu(gate.float()) * up.float()).to(dtype)
+    expected = F.linear(x.float(), w.float())
+    bound = ULP[dtype] * (expected.abs() + expected.abs().max() / 8)
+    assert ((y.float() - expected).abs() <= bound).all()
+
+
+def check_qk_norm_rope(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: str):
+    from nanovllm.layers.qk_norm_rope import qk_norm_rope
+    from nanovllm.layers.rotary_embedding import RotaryEmbedding
+
+    torch.manual_seed(tokens * heads + head_dim)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device) * 3
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)  # strided views, as in Qwen3
+    q_weight = torch.rand(head_dim, dtype=dtype, device=device) + 0.5
+    k_weight = torch.rand(head_dim, dtype=dtype, device=device) + 0.5
+    cache = RotaryEmbedding(head_dim, 4096, 1e6).cos_sin_cache.to(device)
+    positions = torch.randint(0, 4096, (tokens,), device=device)
+    got = qk_norm_rope(positions, q, k, q_weight, k_weight, 1e-6, cache)
+    want = ops.qk_norm_rotate(positions, q, k, q_weight, k_weight, 1e-6, cache)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.is_contiguous()
+        # The same rounding steps as the reference, but float32 sums in another order and an approximate
+        # rsqrt can move a normalized value across a rounding boundary: one unit in the last place of
+        # the head's largest value, which the rotation's sums may leave next to a small result.
+        bound = ULP[dtype] * (w.float().abs() + w.float().abs().amax(-1, keepdim=True)) + 1e-6
+        assert ((g.float() - w.float()).abs() <= bound).all()
+
+
+def check_race(rows: int, dtype: torch.dtype, device: str):
+    """Greedy rows (T = 0) give torch's argmax, the first of equal maxima; sampled rows follow softmax(l / T)."""
+    from nanovllm.sampling.race_kernel import BLOCK_V, race
+
+    torch.manual_seed(rows)
+    vocab = BLOCK_V + 5  # a partial last block
+    greedy = torch.randn(8, vocab, device=device).to(dtype)
+    greedy[3, [7, BLOCK_V + 1]] = 100.0  # a tie across blocks: the first wins
+    assert race(greedy, torch.zeros(8, device=device)).tolist() == greedy.float().argmax(-1).tolist()
+    logits = torch.full((rows, vocab), float("-inf"), device=device)
+    logits[:, [0, 1, 2, BLOCK_V + 3]] = torch.tensor([1.0, 0.0, -1.0, 0.5], device=device)
+    temperature = torch.full((rows,), 0.7, device=device)
+    counts = torch.bincount(race(logits.to(dtype), temperature), minlength=vocab)[[0, 1, 2, BLOCK_V + 3]]
+    expected = (torch.tensor([1.0, 0.0, -1.0, 0.5]) / 0.7).softmax(-1)
+    sigma = (expected * (1 - expected) / rows).sqrt()
+    assert ((counts.cpu() / rows - expected).abs() <= 4 * sigma).all(), (counts, expected)
+    assert counts.sum() == rows
+    assert not torch.equal(race(logits, temperature), race(logits, temperature))  # a fresh seed each call
+
+
+# Sizes that are not multiples of any block, and one row count per size bucket.
+GEMV_CASES = [(rows, n, k, gated) for rows in (1, 3, 8)
+              for n, k, gated in ((37, 48, False), (100, 72, True), (9, 1100, False))]
+# Qwen3's GQA (16 / 8 heads of 128), a head count that is not a power of two, head_dim 64.
+QK_CASES = [(5, 16, 8, 128), (3, 6, 2, 64), (1, 4, 4, 128)]
+
+
+def test_interpreted_kernels_match_torch():
+    script = ("import torch\nfrom tests.test_triton_ops import *\n"
+              f"for case in {GEMV_CASES}: check_gemv(*case, torch.float16, 'cpu')\n"
+              f"for case in {QK_CASES}: check_qk_norm_rope(*case, torch.float16, 'cpu')\n"
+              "check_race(48, torch.float16, 'cpu')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_cpu_ops_never_take_the_kernels():
+    from nanovllm.layers.gemv import MAX_ROWS, gemv_applies
+
+    w = torch.empty(16, 8)
+    assert not gemv_applies(torch.empty(1, 8), w)
+    if torch.cuda.is_available():
+        assert gemv_applies(torch.empty(MAX_ROWS, 8, device="cuda"), w.cuda())
+        assert not gemv_applies(torch.empty(MAX_ROWS + 1, 8, device="cuda"), w.cuda())
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("n,k,gated", [(4096, 1024, False), (1024, 3072, True), (151936, 1024, False),
+                                       (4096, 6144, True), (1000, 1000, False)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_gemv_matches_float32_product(rows, n, k, gated, dtype):
+    check_gemv(rows, n, k, gated, dtype, "cuda")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(16, 8, 128), (32, 8, 128), (6, 2, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_qk_norm_rope_matches_eager(tokens, heads, kv_heads, head_dim, dtype):
+    check_qk_norm_rope(tokens, heads, kv_heads, head_dim, dtype, "cuda")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_race_draws_from_softmax(dtype):
+    check_race(200_000, dtype, "cuda")

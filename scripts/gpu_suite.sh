@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: GPU tests, then the benchmarks of BENCHMARKS.md, logs under $OUT, a table last.
+# One device call: GPU tests, then the benchmarks of BENCHMARKS.md, logs under $OUT (three files, since
+# a device call brings back at most eight), a table last.
 #   bash scripts/gpu_suite.sh [tests|bench|all]
 set -u
 export PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0
@@ -15,9 +16,11 @@ if [[ $what == tests || $what == all ]]; then
 fi
 bench() {  # name, then bench.py arguments
   local name=$1; shift
-  python3 bench.py --random-weights qwen3-0.6b "$@" > "$OUT/bench_$name.txt" 2>&1
-  note "$name: $(grep -E 'output tok/s|prompt\+output|fraction|seconds|per output token' "$OUT/bench_$name.txt" | tr -s ' ' | tr '\n' ';')"
-  tail -3 "$OUT/bench_$name.txt" | grep -iE "error|Traceback" && tail -20 "$OUT/bench_$name.txt"
+  local log=$OUT/bench_$name.log
+  python3 bench.py --random-weights qwen3-0.6b "$@" > "$log" 2>&1
+  note "$name: $(grep -E 'output tok/s|prompt\+output|fraction|seconds|per output token' "$log" | tr -s ' ' | tr '\n' ';')"
+  tail -3 "$log" | grep -iE "error|Traceback" && tail -20 "$log"
+  { echo "=== bench $name: $*"; cat "$log"; } >> "$OUT/benches.txt"; rm "$log"
 }
 if [[ $what == bench || $what == all ]]; then
   bench full
@@ -27,9 +30,12 @@ if [[ $what == bench || $what == all ]]; then
   bench single --num-seqs 1 --input-len 128 --output-len 512
   bench prefill --num-seqs 64 --input-len 1024 --output-len 1
   python3 scripts/profile_step.py > "$OUT/profile_step.txt" 2>&1
-  note "profile: $(tail -6 "$OUT/profile_step.txt" | tr -s ' ' | tr '\n' ';')"
+  note "profile: $(tail -7 "$OUT/profile_step.txt" | tr -s ' ' | tr '\n' ';')"
   python3 scripts/profile_kernels.py --batch-sizes 1 256 --top 25 > "$OUT/profile_kernels.txt" 2>&1
   note "kernels: $(grep '^== batch' "$OUT/profile_kernels.txt" | tr '\n' ';')"
+  python3 scripts/probe_gemv.py > "$OUT/probe_gemv.txt" 2>&1
+  cat "$OUT/profile_step.txt" "$OUT/profile_kernels.txt" "$OUT/probe_gemv.txt" > "$OUT/profiles.txt"
+  rm "$OUT/profile_step.txt" "$OUT/profile_kernels.txt" "$OUT/probe_gemv.txt"
 fi
 echo; echo "card: $card  date: $(date -u +%F)"
 printf '%s\n' "${summary[@]}"

@@ -26,6 +26,12 @@ class SamplingBatch:
     # same sequences can reuse it as it is.
     reusable: bool = False
 
+    @property
+    def only_temperature(self) -> bool:
+        """No control but temperature (greedy rows included): the draw is the whole sampling step."""
+        return (not self.any_min_p and not self.num_candidates and self.params.seeded_uniform is None
+                and self.suppressed is None and not self.penalized and not self.logprob_rows)
+
     def keep_rows(self, kept: list[int], device: torch.device) -> "SamplingBatch | None":
         """These settings for a batch that lost rows (kept[i]: the old row of row i), without a pass
         over the sequences; None for a batch that mixes the candidate and full-vocabulary paths. The

@@ -1,6 +1,6 @@
 """Batched sampling: a chain of small steps over the batch's logits on the device, each skipped when no
 row needs it: min_tokens suppression, penalties, min-p, top-k / top-p, the draw. An all-greedy batch is
-one argmax; a plain-temperature batch one noisy argmax. The only device-to-host read is the sampled ids
+one argmax; a plain-temperature batch one noisy argmax (on CUDA one Triton kernel, race_kernel.py). The only device-to-host read is the sampled ids
 (and the logprobs, when asked), and it waits until the caller first uses them."""
 import torch
 from torch import nn
@@ -83,6 +83,12 @@ class Sampler(nn.Module):
         """logits: [B, V], row b for seqs[b]. The logits may be changed in place."""
         vocab_size = logits.shape[1]
         batch = self._batch(seqs, eos_token_ids, vocab_size, logits.device)
+        if not batch.penalized and self.penalty_state.entries:
+            self.penalty_state.release_finished()  # free finished sequences' slots even when none use penalties
+        if logits.is_cuda and batch.only_temperature:
+            from nanovllm.sampling.race_kernel import race  # Triton: imported on CUDA only
+
+            return SamplerOutput(race(logits, batch.params.temperature), None)
         logits = logits.float()
         raw = RawLogprobs.compute(logits, batch.logprob_rows, batch.logprob_counts) if batch.logprob_rows else None
         if batch.suppressed is not None:
@@ -91,8 +97,6 @@ class Sampler(nn.Module):
         if batch.penalized:
             penalty_rows = self.penalty_state.prepare(batch.penalized, vocab_size, logits.device)
             self.penalty_state.apply(logits, penalty_rows)
-        elif self.penalty_state.entries:  # free the slots of finished sequences even when none use penalties
-            self.penalty_state.release_finished()
         token_ids, needs_full_sort = self._sample(logits, batch)
         # Rows top-p could not settle are redone now (a sync): the ids on the device must be final
         # when this returns, as the next step may take them as its inputs before they are read.

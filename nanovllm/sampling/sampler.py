@@ -1,7 +1,8 @@
 """Batched sampling: a chain of small steps over the batch's logits on the device, each skipped when no
-row needs it: min_tokens suppression, penalties, min-p, top-k / top-p, the draw. An all-greedy batch is
-one argmax; a plain-temperature batch one noisy argmax (on CUDA one Triton kernel, race_kernel.py). The only device-to-host read is the sampled ids
-(and the logprobs, when asked), and it waits until the caller first uses them."""
+row needs it: min_tokens suppression, penalties, min-p, top-k / top-p, the draw. A batch with no
+control but temperature is one noisy argmax (on CUDA one Triton kernel, race_kernel.py). The only
+device-to-host read is the sampled ids (and the logprobs, when asked), and it waits until the caller
+first uses them."""
 import torch
 from torch import nn
 

@@ -1,8 +1,8 @@
 """Batched sampling: a chain of small steps over the batch's logits on the device, each skipped when no
 row needs it: min_tokens suppression, penalties, min-p, top-k / top-p, the draw. A batch with no
-control but temperature is one noisy argmax (on CUDA one Triton kernel, race_kernel.py). The only
-device-to-host read is the sampled ids (and the logprobs, when asked), and it waits until the caller
-first uses them."""
+control but temperature is one noisy argmax (on CUDA, from 64 rows, one Triton kernel: race_kernel.py).
+The only device-to-host read is the sampled ids (and the logprobs, when asked), and it waits until the
+caller first uses them."""
 import torch
 from torch import nn
 
@@ -12,6 +12,10 @@ from nanovllm.sampling.filters import apply_min_p, sample_from_candidates, sampl
 from nanovllm.sampling.logprobs import RawLogprobs
 from nanovllm.sampling.penalties import PenaltyState
 from nanovllm.utils.batch_rows import kept_rows
+
+# The race kernel gives each row one program, which walks the whole vocabulary: on an H200 (BENCHMARKS.md)
+# 0.20 ms for 256 rows against 0.53 ms for the torch kernels, but 0.11 ms for one row against 0.02 ms.
+RACE_KERNEL_MIN_ROWS = 64
 
 
 class SamplerOutput:
@@ -86,7 +90,7 @@ class Sampler(nn.Module):
         batch = self._batch(seqs, eos_token_ids, vocab_size, logits.device)
         if not batch.penalized and self.penalty_state.entries:
             self.penalty_state.release_finished()  # free finished sequences' slots even when none use penalties
-        if logits.is_cuda and batch.only_temperature:
+        if logits.is_cuda and batch.only_temperature and len(seqs) >= RACE_KERNEL_MIN_ROWS:
             from nanovllm.sampling.race_kernel import race  # Triton: imported on CUDA only
 
             return SamplerOutput(race(logits, batch.params.temperature), None)

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One call on a 2-GPU machine, inside a time budget (BUDGET seconds, default 560); logs under $OUT, a table last.
-#   bash scripts/gpu_suite_tp.sh [dp] [smoke] [tests] [gpu1tests] [bench8b]   (default: all, in this order)
+#   bash scripts/gpu_suite_tp.sh [dp] [smoke] [tests] [gpu1tests] [bench8b] [profile8b]   (default: all but
+#   profile8b, in this order)
 # dp: the data-parallel batch-job benchmark; smoke: tensor parallelism step by step (scripts/tp_smoke.py);
-# tests: the tensor-parallel GPU tests; gpu1tests: the one-GPU engine and memory tests; bench8b: Qwen3-8B TP=1 vs TP=2. tests and bench8b run only if the
-# smoke run passed. Every Python process prints its stacks every STACKS_EVERY_S seconds, so a hang shows where.
+# tests: the tensor-parallel GPU tests; gpu1tests: the one-GPU engine and memory tests; bench8b: Qwen3-8B TP=1 vs
+# TP=2; profile8b: rank 0's kernels per decode step of Qwen3-8B at TP=2, one sequence (collectives included).
+# tests, bench8b and profile8b run only if the smoke run passed. Every Python process prints its stacks
+# every STACKS_EVERY_S seconds, so a hang shows where.
 set -u
 export PYTHONPATH=$PWD:$PWD/scripts/debug_site NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export STACKS_EVERY_S=${STACKS_EVERY_S:-60} NCCL_DEBUG=${NCCL_DEBUG:-WARN}
@@ -59,6 +62,11 @@ PY
     limited 150 "$OUT/tp${tp}_full.txt" python3 bench.py --model /tmp/qwen3-8b --tensor-parallel-size $tp
     note "8B TP=$tp full: $(grep -E 'output tok/s|  seconds|fraction|start-up' "$OUT/tp${tp}_full.txt" | tr -s ' ' | tr '\n' ';')"
   done
+fi
+if [[ $parts == *" profile8b "* ]] && ((smoke_ok == 0)); then
+  limited 200 "$OUT/profile8b.txt" python3 scripts/profile_kernels.py --shape qwen3-8b --tensor-parallel-size 2 \
+    --batch-sizes 1 --top 20
+  note "8B TP=2 kernels: $(grep '^== batch' "$OUT/profile8b.txt")"
 fi
 echo; echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) x$(nvidia-smi -L | wc -l)  date: $(date -u +%F)"
 printf '%s\n' "${summary[@]}"

@@ -1,6 +1,8 @@
-"""GPU kernel time per decode step (torch profiler) at a few batch sizes, on random Qwen3-0.6B weights.
+"""GPU kernel time per decode step (torch profiler) at a few batch sizes, on random Qwen3 weights.
+With tensor parallelism it profiles rank 0's GPU, whose collectives (NCCL kernels) show among its kernels.
 
-    python scripts/profile_kernels.py [--batch-sizes 1 64 256] [--context 512]
+    python scripts/profile_kernels.py [--batch-sizes 1 64 256] [--context 512] [--shape qwen3-8b]
+        [--tensor-parallel-size 2]
 """
 import argparse
 import tempfile
@@ -20,9 +22,11 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--wall-steps", type=int, default=50, help="steps timed without the profiler")
+    p.add_argument("--shape", default="qwen3-0.6b")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        llm = LLM(make_benchmark_model(tmp, "qwen3-0.6b"))
+        llm = LLM(make_benchmark_model(tmp, args.shape), tensor_parallel_size=args.tensor_parallel_size)
     params = SamplingParams(temperature=0.6, max_tokens=10_000, ignore_eos=True)
     for batch in args.batch_sizes:
         prompts = [[(i * 31 + j) % 10000 for j in range(args.context)] for i in range(batch)]
@@ -51,6 +55,7 @@ def main():
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.top]:
             print(f"{e.self_device_time_total / args.steps / 1e3:8.3f} ms {e.count // args.steps:5d}x  {e.key[:90]}")
         llm.scheduler.abort(seqs)
+    llm.exit()
 
 
 if __name__ == "__main__":

@@ -20,12 +20,22 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 ULP = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10, torch.float32: 1e-5}
 
 
+def poison_next_outputs(device: str, *outputs: tuple[tuple[int, ...], torch.dtype]):
+    """Fill memory of the kernel outputs' sizes with NaN (or -1 for integers) and free it: CUDA's caching
+    allocator (best fit) usually hands such a block to the next allocation of its size, so an output
+    element the kernel never writes fails the comparison."""
+    blocks = [torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
+              for shape, dtype in outputs]
+    del blocks
+
+
 def check_gemv(rows: int, n: int, k: int, gated: bool, dtype: torch.dtype, device: str):
     from nanovllm.layers.gemv import gemv
 
     torch.manual_seed(rows * n + k)
     w = torch.randn(n, k, dtype=dtype, device=device)
     x = torch.randn(rows, 2 * k if gated else k, dtype=dtype, device=device)
+    poison_next_outputs(device, ((rows, n), dtype))
     y = gemv(x, w, gated)
     assert y.shape == (rows, n) and y.dtype == dtype
     if gated:
@@ -48,6 +58,7 @@ def check_qk_norm_rope(tokens: int, heads: int, kv_heads: int, head_dim: int, dt
     k_weight = torch.rand(head_dim, dtype=dtype, device=device) + 0.5
     cache = RotaryEmbedding(head_dim, 4096, 1e6).cos_sin_cache.to(device)
     positions = torch.randint(0, 4096, (tokens,), device=device)
+    poison_next_outputs(device, (q.shape, dtype), (k.shape, dtype))
     got = qk_norm_rope(positions, q, k, q_weight, k_weight, 1e-6, cache)
     want = ops.qk_norm_rotate(positions, q, k, q_weight, k_weight, 1e-6, cache)
     for g, w in zip(got, want):
@@ -67,10 +78,12 @@ def check_race(rows: int, dtype: torch.dtype, device: str):
     vocab = BLOCK_V + 5  # a partial last block
     greedy = torch.randn(8, vocab, device=device).to(dtype)
     greedy[3, [7, BLOCK_V + 1]] = 100.0  # a tie across blocks: the first wins
+    poison_next_outputs(device, ((8,), torch.int64))
     assert race(greedy, torch.zeros(8, device=device)).tolist() == greedy.float().argmax(-1).tolist()
     logits = torch.full((rows, vocab), float("-inf"), device=device)
     logits[:, [0, 1, 2, BLOCK_V + 3]] = torch.tensor([1.0, 0.0, -1.0, 0.5], device=device)
     temperature = torch.full((rows,), 0.7, device=device)
+    poison_next_outputs(device, ((rows,), torch.int64))
     counts = torch.bincount(race(logits.to(dtype), temperature), minlength=vocab)[[0, 1, 2, BLOCK_V + 3]]
     expected = (torch.tensor([1.0, 0.0, -1.0, 0.5]) / 0.7).softmax(-1)
     sigma = (expected * (1 - expected) / rows).sqrt()

@@ -18,7 +18,7 @@ from nanovllm.attention.triton_kernels import choose_num_splits, paged_decode_at
 from nanovllm.attention.triton_kernels.decode import decode_tile_tokens
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 16, 8, 128, torch.bfloat16
-DECODE_CASES = [(256, 850), (8, 4000), (1, 4000)]  # (sequences, context tokens)
+DECODE_CASES = [(256, 850), (8, 4000), (1, 4000), (1, 640)]  # (sequences, context tokens); (1, 640): one request
 BLOCK_SIZES = [256, 16]
 PREFILL_SEQS, PREFILL_LEN = 64, 1024
 
@@ -97,9 +97,11 @@ def main():
             chosen = choose_num_splits(num_seqs, NUM_KV_HEADS, triton.cdiv(context_len, block_size), block_size,
                                        tile, device.multi_processor_count)
             cells = []
-            for num_splits in sorted({1, 4, 8, 16, 32, 64, chosen}):
-                bandwidth, _ = decode_bandwidth(num_seqs, context_len, block_size, num_splits)
-                cells.append(f"{num_splits}{'*' if num_splits == chosen else ''}: {bandwidth / copy_bw:.0%}")
+            for num_splits in sorted({1, 2, 4, 8, 16, 32, 64, chosen}):
+                bandwidth, ms = decode_bandwidth(num_seqs, context_len, block_size, num_splits)
+                # Microseconds too: for one short context the launches, not the bandwidth, set the time.
+                cells.append(f"{num_splits}{'*' if num_splits == chosen else ''}: {bandwidth / copy_bw:.0%} "
+                             f"{ms * 1e3:.1f}us")
             print(f"  {num_seqs:>3} x {context_len} tokens, block {block_size:>3}: " + "  ".join(cells))
 
     rows = []

@@ -118,6 +118,8 @@ def test_cpu_ops_never_take_the_kernels():
     if torch.cuda.is_available():
         assert gemv_applies(torch.empty(MAX_ROWS, 8, device="cuda"), w.cuda())
         assert not gemv_applies(torch.empty(MAX_ROWS + 1, 8, device="cuda"), w.cuda())
+        assert not gemv_applies(torch.empty(0, 8, device="cuda"), w.cuda())
+        assert not gemv_applies(torch.empty(8, 1, device="cuda").t(), w.cuda())  # columns not contiguous
 
 
 @pytest.mark.cuda

@@ -38,7 +38,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, num_rows, N, K, stride_x, stride_w, stride
         if GATED:
             gate = x.to(tl.float32)
             up = tl.load(x_ptr + x_offsets + K, mask=x_mask, other=0.0).to(tl.float32)
-            # Rounded to the input dtype as the unfused silu_and_mul's output would be.
+            # Rounded once to the input dtype, as the compiled silu_and_mul does (eager rounds twice).
             x = (gate / (1.0 + tl.exp(-gate)) * up).to(w.dtype)
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     tl.store(y_ptr + rows[:, None] * stride_y + features[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -46,9 +46,11 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, num_rows, N, K, stride_x, stride_w, stride
 
 
 def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `gemv` serves this product: a CUDA batch of at most MAX_ROWS rows, one floating dtype."""
-    return (x.is_cuda and x.dim() == 2 and x.shape[0] <= MAX_ROWS and weight.dtype == x.dtype
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and weight.stride(1) == 1)
+    """Whether `gemv` serves this product: a CUDA batch of 1 to MAX_ROWS rows, one floating dtype, rows
+    of unit stride, and a weight the kernel's int32 offsets can address."""
+    return (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and weight.dtype == x.dtype
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and x.stride(1) == 1
+            and weight.stride(1) == 1 and weight.shape[0] * weight.stride(0) < 2 ** 31)
 
 
 def _config(n: int, k: int) -> tuple[int, int, int]:

@@ -82,8 +82,16 @@ def cuda_ops() -> ModelOps:
             return gemv(x, weight, gated)
         return F.linear(compiled_silu_and_mul(x) if gated else x, weight)
 
+    compiled_qk_norm_rotate = torch.compile(qk_norm_rotate, dynamic=True)
+
+    def cuda_qk_norm_rotate(positions, q, k, q_weight, k_weight, eps, cos_sin_cache):
+        head_dim = q.shape[-1]
+        if head_dim & (head_dim - 1) == 0:  # the kernel's tiles span a power of two
+            return qk_norm_rope(positions, q, k, q_weight, k_weight, eps, cos_sin_cache)
+        return compiled_qk_norm_rotate(positions, q, k, q_weight, k_weight, eps, cos_sin_cache)
+
     return ModelOps(torch.compile(rms_norm, dynamic=True), torch.compile(add_rms_norm, dynamic=True),
-                    qk_norm_rope, cuda_linear)
+                    cuda_qk_norm_rotate, cuda_linear)
 
 
 _building_ops = EAGER_OPS

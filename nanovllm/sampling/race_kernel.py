@@ -40,7 +40,7 @@ def race(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """logits: [B, V] (any float dtype, rows contiguous); temperature: [B] float32, 0 = greedy -> [B] int64.
     The Philox seed is drawn from torch's default (CPU) generator, so torch.manual_seed repeats a run."""
     num_rows, vocab_size = logits.shape
-    assert logits.stride(1) == 1 and num_rows * vocab_size < 2 ** 31
+    assert logits.stride(1) == 1 and num_rows * logits.stride(0) < 2 ** 31  # int32 offsets
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
     _race_kernel[(num_rows,)](logits, temperature, out, seed, vocab_size, logits.stride(0),

@@ -90,6 +90,8 @@ class Sampler(nn.Module):
         batch = self._batch(seqs, eos_token_ids, vocab_size, logits.device)
         if not batch.penalized and self.penalty_state.entries:
             self.penalty_state.release_finished()  # free finished sequences' slots even when none use penalties
+        if batch.only_temperature and batch.all_greedy:
+            return SamplerOutput(logits.argmax(-1), None)  # in the logits' own dtype: the same maximum
         if logits.is_cuda and batch.only_temperature and len(seqs) >= RACE_KERNEL_MIN_ROWS:
             from nanovllm.sampling.race_kernel import race  # Triton: imported on CUDA only
 

@@ -52,6 +52,9 @@ class ModelRunner:
             self.model = Qwen3ForCausalLM(hf)
             self.sampler = Sampler()
         load_model(self.model, config.model)
+        if self.device.type == "cuda" and group.rank == 0:  # rank 0 alone samples
+            head = self.model.lm_head  # logits: [B, vocab], a slice of the padded vocabulary's rows
+            self.sampler.compile_kernels(head.vocab_size, head.padded_vocab_size, config.torch_dtype, self.device)
         logger.info("rank %d: model built and loaded in %.1f s", group.rank, time.perf_counter() - started)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         backend = create_backend(config.attention_backend)

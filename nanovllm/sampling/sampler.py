@@ -67,6 +67,14 @@ class Sampler(nn.Module):
         self.last_seq_ids: list[int] = []
         self.last_batch: SamplingBatch | None = None
 
+    def compile_kernels(self, vocab_size: int, row_stride: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Compile the CUDA draw kernel for logits of this layout ([B, vocab_size], rows row_stride apart)
+        now, at start-up, instead of at the first batch of RACE_KERNEL_MIN_ROWS rows, mid-run."""
+        from nanovllm.sampling.race_kernel import race
+
+        logits = torch.zeros(RACE_KERNEL_MIN_ROWS, row_stride, dtype=dtype, device=device)[:, :vocab_size]
+        race(logits, torch.ones(RACE_KERNEL_MIN_ROWS, device=device))
+
     def _batch(self, seqs: list[Sequence], eos_token_ids: tuple[int, ...], vocab_size: int,
                device: torch.device) -> SamplingBatch:
         """This step's settings: the last step's when it sampled the same sequences (or the same less some

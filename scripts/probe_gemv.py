@@ -28,7 +28,7 @@ SHAPES = {
     "8b/2 qkv": (3072, 4096, False), "8b/2 o": (4096, 2048, False), "8b/2 gate_up": (12288, 4096, False),
     "8b/2 down": (4096, 6144, True),
 }
-BLOCK_NS, BLOCK_KS, WARPS, STAGES = (2, 4, 8, 16), (256, 512, 1024), (4, 8), (3,)
+BLOCK_NS, BLOCK_KS, WARPS = (2, 4, 8, 16), (256, 512, 1024), (4, 8)
 
 
 def per_call_us(fn, weights) -> float:
@@ -44,16 +44,6 @@ def copy_bandwidth() -> float:
     src = torch.empty(1 << 28, device="cuda")
     dst = torch.empty_like(src)
     return 2 * src.nbytes / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3)
-
-
-def launch(x, w, gated, block_n, block_k, warps, stages):
-    n, k = w.shape
-    y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    gemv_module._gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, w, y, x.shape[0], n, k, x.stride(0), w.stride(0), y.stride(0),
-        BLOCK_M=triton.next_power_of_2(x.shape[0]), BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated,
-        num_warps=warps, num_stages=stages)
-    return y
 
 
 def cublas(x, w, gated):
@@ -75,7 +65,7 @@ def main():
         copies = max(2, min(64, (256 << 20) // (n * k * 2)))
         weights = [torch.randn(n, k, dtype=DTYPE, device="cuda") * 0.02 for _ in range(copies)]
         nbytes = n * k * 2
-        default = (*gemv_module._config(n, k), 3)
+        default = gemv_module._config(n, k)
         ranked = None
         for rows in args.rows:
             x = torch.randn(rows, 2 * k if gated else k, dtype=DTYPE, device="cuda")
@@ -83,19 +73,19 @@ def main():
             configs = [default]
             if args.search:  # search at the first row count, then try the best few at the others
                 if ranked is None:
-                    grid = [c for c in itertools.product(BLOCK_NS, BLOCK_KS, WARPS, STAGES)
+                    grid = [c for c in itertools.product(BLOCK_NS, BLOCK_KS, WARPS)
                             if c[0] * c[1] <= 8192 and c[1] <= triton.next_power_of_2(k)]
-                    times = {c: per_call_us(lambda w: launch(x, w, gated, *c), weights) for c in grid}
+                    times = {c: per_call_us(lambda w: gemv_module.gemv(x, w, gated, c), weights) for c in grid}
                     ranked = sorted(times, key=times.get)[:4]
                 configs += ranked
-            times = {c: per_call_us(lambda w: launch(x, w, gated, *c), weights) for c in dict.fromkeys(configs)}
+            times = {c: per_call_us(lambda w: gemv_module.gemv(x, w, gated, c), weights) for c in dict.fromkeys(configs)}
             best = min(times, key=times.get)
             ref = cublas(x, weights[0], gated).float()
-            err = (launch(x, weights[0], gated, *best).float() - ref).abs().max().item() / ref.abs().max().item()
+            err = (gemv_module.gemv(x, weights[0], gated, best).float() - ref).abs().max().item() / ref.abs().max().item()
             line = (f"{name:13s} M={rows}: cuBLAS {base:7.2f} us {nbytes / base / 1e6:5.2f} TB/s | gemv "
                     f"{times[default]:7.2f} us {nbytes / times[default] / 1e6:5.2f} TB/s x{base / times[default]:.2f}")
             if args.search:
-                line += (f" | best {times[best]:7.2f} us (BN,BK,warps,stages)={best} x{base / times[best]:.2f}")
+                line += (f" | best {times[best]:7.2f} us (BN,BK,warps)={best} x{base / times[best]:.2f}")
             print(f"{line} | rel err {err:.1e}", flush=True)
         del weights
 

@@ -60,13 +60,15 @@ def _config(n: int, k: int) -> tuple[int, int, int]:
     return block_n, min(1024, triton.next_power_of_2(k)), 4
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> torch.Tensor:
-    """x: [M, K] (or [M, 2K] gate | up when gated), M <= MAX_ROWS; weight: [N, K] -> [M, N]."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, gated: bool = False,
+         config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x: [M, K] (or [M, 2K] gate | up when gated), M <= MAX_ROWS; weight: [N, K] -> [M, N].
+    config: (BLOCK_N, BLOCK_K, num_warps), by default _config's (scripts/probe_gemv.py tries others)."""
     num_rows = x.shape[0]
     n, k = weight.shape
     assert x.stride(1) == 1 and x.shape[1] == (2 * k if gated else k)
     y = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, num_warps = _config(n, k)
+    block_n, block_k, num_warps = config or _config(n, k)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, y, num_rows, n, k, x.stride(0), weight.stride(0), y.stride(0),
         BLOCK_M=triton.next_power_of_2(num_rows), BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated,

@@ -35,8 +35,7 @@ class LinearBase(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ops.linear(x, self.weight)
-        return y if self.bias is None else y + self.bias
+        return self.ops.linear(x, self.weight, bias=self.bias)
 
 
 class ReplicatedLinear(LinearBase):

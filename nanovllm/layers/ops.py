@@ -37,9 +37,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> torch.Tensor:
-    """x W^T. gated: x is [gate | up] ([N, 2 * in]) and the product takes silu_and_mul(x)."""
-    return F.linear(silu_and_mul(x) if gated else x, weight)
+def linear(x: torch.Tensor, weight: torch.Tensor, gated: bool = False,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + bias. gated: x is [gate | up] ([N, 2 * in]) and the product takes silu_and_mul(x)."""
+    return F.linear(silu_and_mul(x) if gated else x, weight, bias)
 
 
 def rotate(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor):
@@ -77,10 +78,12 @@ def cuda_ops() -> ModelOps:
     # dynamic=True: one compilation serves every batch size instead of one per size.
     compiled_silu_and_mul = torch.compile(silu_and_mul, dynamic=True)
 
-    def cuda_linear(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    def cuda_linear(x: torch.Tensor, weight: torch.Tensor, gated: bool = False,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
         if gemv_applies(x, weight):
-            return gemv(x, weight, gated)
-        return F.linear(compiled_silu_and_mul(x) if gated else x, weight)
+            y = gemv(x, weight, gated)
+            return y if bias is None else y + bias
+        return F.linear(compiled_silu_and_mul(x) if gated else x, weight, bias)
 
     compiled_qk_norm_rotate = torch.compile(qk_norm_rotate, dynamic=True)
 

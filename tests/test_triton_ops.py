@@ -1,5 +1,5 @@
 """The Triton kernels of the model and the sampler (layers/gemv.py, layers/qk_norm_rope.py,
-sampling/race_kernel.py) against their torch references.
+sampling/race_kernel.py) against their torch references (layers/ops.py, the torch attention backend).
 
 On CPU the kernels run in Triton's interpreter, so CI checks their indexing and masking. The interpreter
 is chosen when Triton is imported, hence a subprocess; it runs float16, since it emulates bfloat16
@@ -46,28 +46,60 @@ def check_gemv(rows: int, n: int, k: int, gated: bool, dtype: torch.dtype, devic
     assert ((y.float() - expected).abs() <= bound).all()
 
 
-def check_qk_norm_rope(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: str):
-    from nanovllm.layers.qk_norm_rope import qk_norm_rope
+def check_norm_gemv(rows: int, n: int, k: int, has_residual: bool, dtype: torch.dtype, device: str):
+    """norm_gemv against the eager add & RMSNorm, then a float32 product; the new residual exactly."""
+    from nanovllm.layers.gemv import norm_gemv
+
+    torch.manual_seed(rows * n + k)
+    x = torch.randn(rows, k, dtype=dtype, device=device)
+    residual = torch.randn(rows, k, dtype=dtype, device=device) if has_residual else None
+    norm_weight = (torch.rand(k, device=device) + 0.5).to(dtype)
+    w = torch.randn(n, k, dtype=dtype, device=device)
+    poison_next_outputs(device, ((rows, n), dtype), ((rows, k), dtype))
+    y, new_residual = norm_gemv(x, residual, norm_weight, 1e-6, w)
+    normed, expected_residual = ops.norm_then_linear(ops.rms_norm, ops.add_rms_norm, lambda a, _: a)(
+        x, residual, norm_weight, 1e-6, w)
+    assert torch.equal(new_residual, expected_residual)
+    expected = F.linear(normed.float(), w.float())
+    # Besides the output's rounding, an approximate rsqrt may move a normalized input by one unit.
+    bound = 2 * ULP[dtype] * (expected.abs() + expected.abs().max() / 8)
+    assert ((y.float() - expected).abs() <= bound).all()
+
+
+def check_qk_norm_rope_store(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                             device: str):
+    """q against the eager norm and rotation; the cache against the eager k and v stored by the torch
+    backend, at permuted slots with a padding token (slot -1) that must leave the cache alone."""
+    from nanovllm.attention.torch_backend import TorchAttentionBackend
+    from nanovllm.layers.qk_norm_rope import qk_norm_rope_store
     from nanovllm.layers.rotary_embedding import RotaryEmbedding
 
     torch.manual_seed(tokens * heads + head_dim)
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device) * 3
-    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
-    q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)  # strided views, as in Qwen3
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    # Strided views of the qkv product, as in Qwen3.
+    q, k, v = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
     q_weight = torch.rand(head_dim, dtype=dtype, device=device) + 0.5
     k_weight = torch.rand(head_dim, dtype=dtype, device=device) + 0.5
-    cache = RotaryEmbedding(head_dim, 4096, 1e6).cos_sin_cache.to(device)
+    cos_sin = RotaryEmbedding(head_dim, 4096, 1e6).cos_sin_cache.to(device)
     positions = torch.randint(0, 4096, (tokens,), device=device)
-    poison_next_outputs(device, (q.shape, dtype), (k.shape, dtype))
-    got = qk_norm_rope(positions, q, k, q_weight, k_weight, 1e-6, cache)
-    want = ops.qk_norm_rotate(positions, q, k, q_weight, k_weight, 1e-6, cache)
-    for g, w in zip(got, want):
-        assert g.shape == w.shape and g.is_contiguous()
+    block_size, num_blocks = 16, tokens // 16 + 2
+    slots = torch.randperm(num_blocks * block_size, device=device)[:tokens]
+    slots[tokens // 2] = -1
+    caches = [torch.randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(2)]
+    expected_caches = [cache.clone() for cache in caches]
+    poison_next_outputs(device, (q.shape, dtype))
+    got_q = qk_norm_rope_store(positions, q, k, v, q_weight, k_weight, 1e-6, cos_sin, *caches, slots)
+    want_q, want_k = ops.qk_norm_rotate(positions, q, k, q_weight, k_weight, 1e-6, cos_sin)
+    TorchAttentionBackend().store_kv(want_k, v, *expected_caches, slots)
+    assert got_q.shape == want_q.shape and got_q.is_contiguous()
+    for got, want in ((got_q, want_q), *zip(caches, expected_caches)):
         # The same rounding steps as the reference, but float32 sums in another order and an approximate
         # rsqrt can move a normalized value across a rounding boundary: one unit in the last place of
         # the head's largest value, which the rotation's sums may leave next to a small result.
-        bound = ULP[dtype] * (w.float().abs() + w.float().abs().amax(-1, keepdim=True)) + 1e-6
-        assert ((g.float() - w.float()).abs() <= bound).all()
+        bound = ULP[dtype] * (want.float().abs() + want.float().abs().amax(-1, keepdim=True)) + 1e-6
+        assert ((got.float() - want.float()).abs() <= bound).all()
+    assert torch.equal(caches[1], expected_caches[1])  # v is copied, not computed
 
 
 def check_race(rows: int, dtype: torch.dtype, device: str):
@@ -95,6 +127,8 @@ def check_race(rows: int, dtype: torch.dtype, device: str):
 # Sizes that are not multiples of any block, and one row count per size bucket.
 GEMV_CASES = [(rows, n, k, gated) for rows in (1, 3, 8)
               for n, k, gated in ((37, 48, False), (100, 72, True), (9, 1100, False))]
+NORM_GEMV_CASES = [(rows, n, k, has_residual) for rows in (1, 2) for n, k in ((37, 48), (100, 1100))
+                   for has_residual in (False, True)]
 # Qwen3's GQA (16 / 8 heads of 128), a head count that is not a power of two, head_dim 64.
 QK_CASES = [(5, 16, 8, 128), (3, 6, 2, 64), (1, 4, 4, 128)]
 
@@ -102,7 +136,8 @@ QK_CASES = [(5, 16, 8, 128), (3, 6, 2, 64), (1, 4, 4, 128)]
 def test_interpreted_kernels_match_torch():
     script = ("import torch\nfrom tests.test_triton_ops import *\n"
               f"for case in {GEMV_CASES}: check_gemv(*case, torch.float16, 'cpu')\n"
-              f"for case in {QK_CASES}: check_qk_norm_rope(*case, torch.float16, 'cpu')\n"
+              f"for case in {NORM_GEMV_CASES}: check_norm_gemv(*case, torch.float16, 'cpu')\n"
+              f"for case in {QK_CASES}: check_qk_norm_rope_store(*case, torch.float16, 'cpu')\n"
               "check_race(48, torch.float16, 'cpu')\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=600,
@@ -134,11 +169,21 @@ def test_compiled_gemv_matches_float32_product(rows, n, k, gated, dtype):
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("n,k", [(4096, 1024), (6144, 1024), (3072, 4096), (1000, 1000)])
+@pytest.mark.parametrize("has_residual", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_norm_gemv_matches_eager_norm_and_product(rows, n, k, has_residual, dtype):
+    check_norm_gemv(rows, n, k, has_residual, dtype, "cuda")
+
+
+@pytest.mark.cuda
+@needs_cuda
 @pytest.mark.parametrize("tokens", [1, 7, 300])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(16, 8, 128), (32, 8, 128), (6, 2, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_compiled_qk_norm_rope_matches_eager(tokens, heads, kv_heads, head_dim, dtype):
-    check_qk_norm_rope(tokens, heads, kv_heads, head_dim, dtype, "cuda")
+def test_compiled_qk_norm_rope_store_matches_eager(tokens, heads, kv_heads, head_dim, dtype):
+    check_qk_norm_rope_store(tokens, heads, kv_heads, head_dim, dtype, "cuda")
 
 
 @pytest.mark.cuda

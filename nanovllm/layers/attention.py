@@ -6,7 +6,7 @@ from nanovllm.utils.context import get_context
 
 
 class Attention(nn.Module):
-    """Writes this step's K/V into the paged cache and attends over it through the backend.
+    """Writes this step's K/V into the paged cache (store) and attends over it (forward) through the backend.
 
     The model runner binds `backend`, `k_cache` and `v_cache` ([num_blocks, block_size, Hkv, D])
     before the first step; the model itself never knows which backend or device it runs on.
@@ -18,8 +18,11 @@ class Attention(nn.Module):
         self.backend: AttentionBackend | None = None
         self.k_cache = self.v_cache = torch.tensor([])
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [N, H, D], k and v: [N, Hkv, D] -> [N, H, D]."""
-        meta = get_context()
-        self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        return self.backend.forward(q, self.k_cache, self.v_cache, meta, self.scale)
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [N, Hkv, D] -> the cache, at this step's slots. (On CUDA the model writes them in its
+        q/k kernel instead: ops.qk_norm_rotate_store.)"""
+        self.backend.store_kv(k, v, self.k_cache, self.v_cache, get_context().slot_mapping)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        """q: [N, H, D] over the cache, which already holds this step's keys and values -> [N, H, D]."""
+        return self.backend.forward(q, self.k_cache, self.v_cache, get_context(), self.scale)

@@ -6,7 +6,8 @@ cuBLAS reaches about half the H100's bandwidth there (BENCHMARKS.md: 0.78 ms of 
 BLOCK_N output features of every row and walks the whole reduction dimension, so one launch does it all.
 
 `gated=True` takes x = [gate | up] ([M, 2K]) and multiplies by silu(gate) * up, computed while
-loading: the MLP's activation needs no kernel of its own.
+loading: the MLP's activation needs no kernel of its own. `norm_gemv` applies the add and RMSNorm in
+front of a projection the same way, so the norms need no kernels of their own either.
 """
 import torch
 import triton
@@ -19,13 +20,39 @@ import triton.language as tl
 MAX_ROWS = 2
 
 
+@triton.jit
+def _load_input(x_ptr, residual_ptr, offsets, mask, HAS_RESIDUAL: tl.constexpr):
+    """A tile of x, or of x + residual rounded to x's dtype as the unfused add's output is."""
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
+    return x
+
+
 @triton.jit(do_not_specialize=["num_rows"])
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, num_rows, N, K, stride_x, stride_w, stride_y,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr):
+                 residual_ptr, residual_out_ptr, norm_weight_ptr, eps,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
+                 NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     feature_mask = features < N
     rows = tl.arange(0, BLOCK_M)
     row_mask = rows < num_rows
+    if NORM:
+        # Every program needs each row's whole norm: a first pass over the row (from L2) sums its
+        # squares; the first program also writes x + residual, the next layer's residual.
+        squares = tl.zeros([BLOCK_M], tl.float32)
+        for k_start in range(0, K, BLOCK_K):
+            ks = k_start + tl.arange(0, BLOCK_K)
+            offsets = rows[:, None] * stride_x + ks[None, :]
+            mask = row_mask[:, None] & (ks < K)[None, :]
+            x = _load_input(x_ptr, residual_ptr, offsets, mask, HAS_RESIDUAL)
+            if HAS_RESIDUAL:
+                if tl.program_id(0) == 0:
+                    tl.store(residual_out_ptr + offsets, x, mask=mask)
+            squares += tl.sum(x.to(tl.float32) * x.to(tl.float32), 1)
+        rstd = tl.rsqrt(squares / K + eps)[:, None]  # [BLOCK_M, 1]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k_start in range(0, K, BLOCK_K):
         ks = k_start + tl.arange(0, BLOCK_K)
@@ -34,7 +61,11 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, num_rows, N, K, stride_x, stride_w, stride
                     mask=feature_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
         x_offsets = rows[:, None] * stride_x + ks[None, :]
         x_mask = row_mask[:, None] & k_mask[None, :]
-        x = tl.load(x_ptr + x_offsets, mask=x_mask, other=0.0)  # [BLOCK_M, BLOCK_K]
+        x = _load_input(x_ptr, residual_ptr, x_offsets, x_mask, HAS_RESIDUAL)  # [BLOCK_M, BLOCK_K]
+        if NORM:
+            # The unfused RMSNorm's steps: normalize in float32, round, scale by the weight (rounded).
+            norm_weight = tl.load(norm_weight_ptr + ks, mask=k_mask, other=0.0)
+            x = (x.to(tl.float32) * rstd).to(w.dtype) * norm_weight[None, :]
         if GATED:
             gate = x.to(tl.float32)
             up = tl.load(x_ptr + x_offsets + K, mask=x_mask, other=0.0).to(tl.float32)
@@ -60,18 +91,37 @@ def _config(n: int, k: int) -> tuple[int, int, int]:
     return block_n, min(1024, triton.next_power_of_2(k)), 4
 
 
+def _launch(x: torch.Tensor, weight: torch.Tensor, gated: bool, residual: torch.Tensor | None = None,
+            residual_out: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+            eps: float = 0.0, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    num_rows = x.shape[0]
+    n, k = weight.shape
+    y = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
+    block_n, block_k, num_warps = config or _config(n, k)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, y, num_rows, n, k, x.stride(0), weight.stride(0), y.stride(0), residual, residual_out,
+        norm_weight, eps, BLOCK_M=triton.next_power_of_2(num_rows), BLOCK_N=block_n, BLOCK_K=block_k,
+        GATED=gated, NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, num_warps=num_warps,
+    )
+    return y
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, gated: bool = False,
          config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x: [M, K] (or [M, 2K] gate | up when gated), M <= MAX_ROWS; weight: [N, K] -> [M, N].
     config: (BLOCK_N, BLOCK_K, num_warps), by default _config's (scripts/probe_gemv.py tries others)."""
-    num_rows = x.shape[0]
-    n, k = weight.shape
-    assert x.stride(1) == 1 and x.shape[1] == (2 * k if gated else k)
-    y = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, num_warps = config or _config(n, k)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, y, num_rows, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        BLOCK_M=triton.next_power_of_2(num_rows), BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated,
-        num_warps=num_warps,
-    )
-    return y
+    assert x.stride(1) == 1 and x.shape[1] == (2 * weight.shape[1] if gated else weight.shape[1])
+    return _launch(x, weight, gated, config=config)
+
+
+def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+              weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual) W^T, x + residual) in one launch, as ops.norm_linear; residual None: no add.
+    x, residual: [M, K] contiguous, M <= MAX_ROWS; norm_weight: [K]; weight: [N, K]."""
+    assert x.is_contiguous() and x.shape[1] == weight.shape[1] == norm_weight.shape[0]
+    if residual is None:
+        return _launch(x, weight, False, norm_weight=norm_weight, eps=eps), x
+    assert residual.is_contiguous() and residual.shape == x.shape
+    # A new tensor: other programs still read the old residual while the first writes the sum.
+    residual_out = torch.empty_like(x)
+    return _launch(x, weight, False, residual, residual_out, norm_weight, eps), residual_out

@@ -1,6 +1,7 @@
 import torch
 from torch import nn
 
+from nanovllm.layers.linear import ColumnParallelLinear
 from nanovllm.layers.ops import current_ops
 
 
@@ -16,3 +17,10 @@ class RMSNorm(nn.Module):
         if residual is None:
             return self.ops.rms_norm(x, self.weight, self.eps)
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+    def then(self, linear: ColumnParallelLinear, x: torch.Tensor, residual: torch.Tensor | None):
+        """(linear(norm(x + residual)), x + residual), in one kernel where the device has one
+        (ops.norm_linear); without residual, (linear(norm(x)), x). linear is column-parallel: its input
+        is whole on every rank and its output needs no collective."""
+        y, residual = self.ops.norm_linear(x, residual, self.weight, self.eps, linear.weight)
+        return (y if linear.bias is None else y + linear.bias), residual

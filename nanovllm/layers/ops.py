@@ -3,8 +3,9 @@
 Layers take their ops from the set current while the model is built: eager (CPU, MPS, enforce_eager;
 the reference) or CUDA (with graphs). Single-request decode is bound by the number of kernels per layer
 and by how fast the linears stream their weights, so on CUDA the small elementwise ops are compiled
-into one fused kernel each, q/k normalization and rotation is one Triton kernel, and linears over a
-few rows use a Triton matrix-vector kernel. CPU-only builds never import Triton.
+into one fused kernel each, q/k normalization, rotation and the KV-cache write are one Triton kernel,
+and linears over a few rows use a Triton matrix-vector kernel, with the RMSNorm before them or the
+activation of the MLP folded in. CPU-only builds never import Triton.
 """
 import functools
 from contextlib import contextmanager
@@ -12,6 +13,8 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from nanovllm.utils.context import get_context
 
 
 def _normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -60,23 +63,47 @@ def qk_norm_rotate(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_
     return rotate(positions, _normalize(q, q_weight, eps), _normalize(k, k_weight, eps), cos_sin_cache)
 
 
+def qk_norm_rotate_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, cos_sin_cache: torch.Tensor,
+                         attn) -> torch.Tensor:
+    """qk_norm_rotate, then k and v into the paged cache of attn (a layers.attention.Attention) -> q."""
+    q, k = qk_norm_rotate(positions, q, k, q_weight, k_weight, eps, cos_sin_cache)
+    attn.store(k, v)
+    return q
+
+
+def norm_then_linear(rms_norm: Callable, add_rms_norm: Callable, linear: Callable) -> Callable:
+    """norm_linear(x, residual, norm_weight, eps, weight) -> (linear(norm(x + residual)), x + residual),
+    made of separate ops; residual None: (linear(norm(x)), x)."""
+    def norm_linear(x, residual, norm_weight, eps, weight):
+        if residual is None:
+            return linear(rms_norm(x, norm_weight, eps), weight), x
+        normed, residual = add_rms_norm(x, residual, norm_weight, eps)
+        return linear(normed, weight), residual
+    return norm_linear
+
+
 class ModelOps(NamedTuple):
     rms_norm: Callable
     add_rms_norm: Callable
-    qk_norm_rotate: Callable
+    qk_norm_rotate_store: Callable
     linear: Callable
+    norm_linear: Callable  # a decoder layer's add & RMSNorm with the projection after it (norm_then_linear)
 
 
-EAGER_OPS = ModelOps(rms_norm, add_rms_norm, qk_norm_rotate, linear)
+EAGER_OPS = ModelOps(rms_norm, add_rms_norm, qk_norm_rotate_store, linear,
+                     norm_then_linear(rms_norm, add_rms_norm, linear))
 
 
 @functools.cache
 def cuda_ops() -> ModelOps:
-    from nanovllm.layers.gemv import gemv, gemv_applies
-    from nanovllm.layers.qk_norm_rope import qk_norm_rope
+    from nanovllm.layers.gemv import gemv, gemv_applies, norm_gemv
+    from nanovllm.layers.qk_norm_rope import qk_norm_rope_store
 
     # dynamic=True: one compilation serves every batch size instead of one per size.
     compiled_silu_and_mul = torch.compile(silu_and_mul, dynamic=True)
+    compiled_rms_norm = torch.compile(rms_norm, dynamic=True)
+    compiled_add_rms_norm = torch.compile(add_rms_norm, dynamic=True)
 
     def cuda_linear(x: torch.Tensor, weight: torch.Tensor, gated: bool = False,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,16 +112,27 @@ def cuda_ops() -> ModelOps:
             return y if bias is None else y + bias
         return F.linear(compiled_silu_and_mul(x) if gated else x, weight, bias)
 
+    unfused_norm_linear = norm_then_linear(compiled_rms_norm, compiled_add_rms_norm, cuda_linear)
     compiled_qk_norm_rotate = torch.compile(qk_norm_rotate, dynamic=True)
 
-    def cuda_qk_norm_rotate(positions, q, k, q_weight, k_weight, eps, cos_sin_cache):
+    def cuda_qk_norm_rotate_store(positions, q, k, v, q_weight, k_weight, eps, cos_sin_cache, attn):
         head_dim = q.shape[-1]
-        if head_dim & (head_dim - 1) == 0:  # the kernel's tiles span a power of two
-            return qk_norm_rope(positions, q, k, q_weight, k_weight, eps, cos_sin_cache)
-        return compiled_qk_norm_rotate(positions, q, k, q_weight, k_weight, eps, cos_sin_cache)
+        if head_dim & (head_dim - 1):  # the kernel's tiles span a power of two
+            q, k = compiled_qk_norm_rotate(positions, q, k, q_weight, k_weight, eps, cos_sin_cache)
+            attn.store(k, v)
+            return q
+        # Every backend shares the cache layout and slot mapping (attention/base.py), so one kernel
+        # writes the cache for all of them.
+        return qk_norm_rope_store(positions, q, k, v, q_weight, k_weight, eps, cos_sin_cache, attn.k_cache,
+                                  attn.v_cache, get_context().slot_mapping)
 
-    return ModelOps(torch.compile(rms_norm, dynamic=True), torch.compile(add_rms_norm, dynamic=True),
-                    cuda_qk_norm_rotate, cuda_linear)
+    def cuda_norm_linear(x, residual, norm_weight, eps, weight):
+        if gemv_applies(x, weight):
+            return norm_gemv(x, residual, norm_weight, eps, weight)
+        return unfused_norm_linear(x, residual, norm_weight, eps, weight)
+
+    return ModelOps(compiled_rms_norm, compiled_add_rms_norm, cuda_qk_norm_rotate_store, cuda_linear,
+                    cuda_norm_linear)
 
 
 _building_ops = EAGER_OPS

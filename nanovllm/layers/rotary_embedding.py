@@ -3,7 +3,7 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    """Holds the neox-style rotary table Qwen3 uses; `ops.qk_norm_rotate` applies it."""
+    """Holds the neox-style rotary table Qwen3 uses; `ops.qk_norm_rotate_store` applies it."""
 
     def __init__(self, head_dim: int, max_position: int, base: float):
         super().__init__()

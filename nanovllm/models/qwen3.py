@@ -28,30 +28,32 @@ class Qwen3Attention(nn.Module):
                                         bias=False)
         self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, rope_theta(config))
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads)
-        # q_norm and k_norm hold the weights; forward applies them with the rotary embedding (ops.qk_norm_rotate).
+        # q_norm and k_norm hold the weights; forward applies them with the rotary embedding and writes k
+        # and v into the cache (ops.qk_norm_rotate_store).
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.ops = current_ops()
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv: [N, (H + 2 Hkv) D], qkv_proj's product (the decoder layer runs it with the norm before it)."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], -1)
-        q, k = self.ops.qk_norm_rotate(positions, q.view(-1, self.num_heads, self.head_dim),
-                                       k.view(-1, self.num_kv_heads, self.head_dim), self.q_norm.weight,
-                                       self.k_norm.weight, self.q_norm.eps, self.rotary_emb.cos_sin_cache)
-        o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim))
+        q, k, v = qkv.split([q_size, kv_size, kv_size], -1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k, v = (x.view(-1, self.num_kv_heads, self.head_dim) for x in (k, v))
+        q = self.ops.qk_norm_rotate_store(positions, q, k, v, self.q_norm.weight, self.k_norm.weight,
+                                          self.q_norm.eps, self.rotary_emb.cos_sin_cache, self.attn)
+        o = self.attn(q)
         return self.o_proj(o.flatten(1))
 
 
 class Qwen3MLP(nn.Module):
+    """The MLP's weights; the decoder layer runs gate_up_proj with the norm before it, and down_proj
+    applies the SiLU-and-multiply activation to [gate | up] itself, fused where it can."""
+
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2)
-        # Applies the SiLU-and-multiply activation to [gate | up] itself, fused where it can.
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x), gated=True)
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -63,13 +65,12 @@ class Qwen3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, positions, hidden, residual):
-        if residual is None:
-            hidden, residual = self.input_layernorm(hidden), hidden
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        # Each norm runs with the projection after it: one kernel for a decode step of one or two
+        # sequences on CUDA (ops.norm_linear).
+        qkv, residual = self.input_layernorm.then(self.self_attn.qkv_proj, hidden, residual)
+        hidden = self.self_attn(positions, qkv)
+        gate_up, residual = self.post_attention_layernorm.then(self.mlp.gate_up_proj, hidden, residual)
+        return self.mlp.down_proj(gate_up, gated=True), residual
 
 
 class Qwen3Model(nn.Module):

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.utils.pdl import pdl_enabled, release_next, wait_for_previous
+
 # Rows up to this many use the kernel. Measured on an H200 (scripts/probe_gemv.py, BENCHMARKS.md): at one
 # or two rows it matches cuBLAS on wide products and is 1.7-3x faster on the narrow ones (o and down
 # projections); from four rows on, each program's [rows, BLOCK_N, BLOCK_K] products cost more than
@@ -30,13 +32,25 @@ def _load_input(x_ptr, residual_ptr, offsets, mask, HAS_RESIDUAL: tl.constexpr):
     return x
 
 
+@triton.jit
+def _load_weight(w_ptr, features, feature_mask, stride_w, k_start, K, BLOCK_K: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K] tile of W at k_start; all masked (no memory read) once k_start >= K."""
+    ks = k_start + tl.arange(0, BLOCK_K)
+    return tl.load(w_ptr + features[:, None] * stride_w + ks[None, :],
+                   mask=feature_mask[:, None] & (ks < K)[None, :], other=0.0)
+
+
 @triton.jit(do_not_specialize=["num_rows"])
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, num_rows, N, K, stride_x, stride_w, stride_y,
                  residual_ptr, residual_out_ptr, norm_weight_ptr, eps,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
-                 NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                 NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
     features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     feature_mask = features < N
+    release_next(PDL)
+    # No kernel writes the weights: their first tile streams in while the previous kernel finishes.
+    w = _load_weight(w_ptr, features, feature_mask, stride_w, 0, K, BLOCK_K)  # [BLOCK_N, BLOCK_K]
+    wait_for_previous(PDL)
     rows = tl.arange(0, BLOCK_M)
     row_mask = rows < num_rows
     if NORM:
@@ -57,8 +71,6 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, num_rows, N, K, stride_x, stride_w, stride
     for k_start in range(0, K, BLOCK_K):
         ks = k_start + tl.arange(0, BLOCK_K)
         k_mask = ks < K
-        w = tl.load(w_ptr + features[:, None] * stride_w + ks[None, :],
-                    mask=feature_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
         x_offsets = rows[:, None] * stride_x + ks[None, :]
         x_mask = row_mask[:, None] & k_mask[None, :]
         x = _load_input(x_ptr, residual_ptr, x_offsets, x_mask, HAS_RESIDUAL)  # [BLOCK_M, BLOCK_K]
@@ -72,6 +84,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, num_rows, N, K, stride_x, stride_w, stride
             # Rounded once to the input dtype, as the compiled silu_and_mul does (eager rounds twice).
             x = (gate / (1.0 + tl.exp(-gate)) * up).to(w.dtype)
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        w = _load_weight(w_ptr, features, feature_mask, stride_w, k_start + BLOCK_K, K, BLOCK_K)
     tl.store(y_ptr + rows[:, None] * stride_y + features[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=row_mask[:, None] & feature_mask[None, :])
 
@@ -98,10 +111,12 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, gated: bool, residual: torch.
     n, k = weight.shape
     y = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     block_n, block_k, num_warps = config or _config(n, k)
+    pdl = pdl_enabled(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, y, num_rows, n, k, x.stride(0), weight.stride(0), y.stride(0), residual, residual_out,
         norm_weight, eps, BLOCK_M=triton.next_power_of_2(num_rows), BLOCK_N=block_n, BLOCK_K=block_k,
-        GATED=gated, NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, num_warps=num_warps,
+        GATED=gated, NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, PDL=pdl, num_warps=num_warps,
+        launch_pdl=pdl,
     )
     return y
 

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.utils.pdl import pdl_enabled, release_next, wait_for_previous
+
 
 @triton.jit
 def _norm_rope_heads(x_ptr, stride_x_head, out_ptr, stride_out_head, weight_ptr, cos, sin, eps,
@@ -40,8 +42,10 @@ def _qk_norm_rope_store_kernel(
     q_weight_ptr, k_weight_ptr, cos_sin_ptr, eps, stride_q_token, stride_q_head, stride_k_token, stride_k_head,
     stride_v_token, stride_v_head, stride_cache_slot, stride_cache_head,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, Q_ROWS: tl.constexpr, K_ROWS: tl.constexpr,
-    HALF: tl.constexpr,
+    HALF: tl.constexpr, PDL: tl.constexpr,
 ):
+    release_next(PDL)
+    wait_for_previous(PDL)
     token = tl.program_id(0)
     position = tl.load(positions_ptr + token).to(tl.int64)
     dims = tl.arange(0, HALF)[None, :]
@@ -80,6 +84,7 @@ def qk_norm_rope_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             k_cache.stride(1), k_cache.stride(2),
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, Q_ROWS=triton.next_power_of_2(num_heads),
-            K_ROWS=triton.next_power_of_2(num_kv_heads), HALF=head_dim // 2,
+            K_ROWS=triton.next_power_of_2(num_kv_heads), HALF=head_dim // 2, PDL=pdl_enabled(q.device),
+            launch_pdl=pdl_enabled(q.device),
         )
     return q_out

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from nanovllm.attention.triton_kernels.common import (LOG2E, check_cache, dot_precision, online_softmax_step,
                                                       paged_kv_offsets)
+from nanovllm.utils.pdl import pdl_enabled, release_next, wait_for_previous
 
 MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
 TILE_BYTES = 16384  # one K (or V) tile
@@ -47,8 +48,10 @@ def _paged_decode_kernel(
     stride_q_seq, stride_q_head, stride_out_seq, stride_out_head,
     stride_cache_block, stride_cache_token, stride_cache_head, stride_table_seq,
     GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TILE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TILE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    release_next(PDL)
+    wait_for_previous(PDL)
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     start, end = _split_range(context_len, split, num_splits, TILE)
@@ -93,8 +96,10 @@ def _paged_decode_kernel(
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     partial_out_ptr, partial_lse_ptr, context_lens_ptr, out_ptr, num_splits, stride_out_seq, stride_out_head,
-    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, SPLIT_ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, SPLIT_ROWS: tl.constexpr, PDL: tl.constexpr,
 ):
+    release_next(PDL)
+    wait_for_previous(PDL)
     seq, head = tl.program_id(0), tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq)
     splits = tl.arange(0, SPLIT_ROWS)
@@ -147,6 +152,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     split = num_splits > 1
+    pdl = pdl_enabled(q.device)
     # Partials are float32: [B, H, splits, D] outputs normalized per split, [B, H, splits] log2-sum-exp.
     partial_out = torch.empty((num_seqs, num_heads, num_splits, head_dim) if split else (1,),
                               dtype=torch.float32, device=q.device)
@@ -158,11 +164,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_ROWS=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE=tile, SPLIT=split, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=4, num_stages=NUM_STAGES,
+        PDL=pdl, num_warps=4, num_stages=NUM_STAGES, launch_pdl=pdl,
     )
     if split:
         _merge_splits_kernel[(num_seqs, num_heads)](
             partial_out, partial_lse, context_lens, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, TILE=tile, SPLIT_ROWS=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim, TILE=tile, SPLIT_ROWS=triton.next_power_of_2(num_splits), PDL=pdl, launch_pdl=pdl,
         )
     return out

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # One call on a 2-GPU machine, inside a time budget (BUDGET seconds, default 560); logs under $OUT, a table last.
-#   bash scripts/gpu_suite_tp.sh [dp] [smoke] [tests] [gpu1tests] [bench8b] [profile8b]   (default: all but
-#   profile8b, in this order)
+#   bash scripts/gpu_suite_tp.sh [dp] [smoke] [probe] [tests] [gpu1tests] [bench8b] [profile8b] [full8b]
+#   (default: dp smoke tests gpu1tests bench8b full8b; they run in this order)
 # dp: the data-parallel batch-job benchmark; smoke: tensor parallelism step by step (scripts/tp_smoke.py);
-# tests: the tensor-parallel GPU tests; gpu1tests: the one-GPU engine and memory tests; bench8b: Qwen3-8B TP=1 vs
-# TP=2; profile8b: rank 0's kernels per decode step of Qwen3-8B at TP=2, one sequence (collectives included).
-# tests, bench8b and profile8b run only if the smoke run passed. Every Python process prints its stacks
+# probe: NCCL against the peer all-reduce (scripts/probe_all_reduce.py); tests: the tensor-parallel GPU tests;
+# gpu1tests: the one-GPU engine and memory tests; bench8b: Qwen3-8B TP=1 vs TP=2, single request; profile8b:
+# rank 0's kernels per decode step of Qwen3-8B at TP=2, at 1 and 256 sequences (collectives included);
+# full8b: Qwen3-8B TP=1 vs TP=2, the full workload. All but dp and probe run only if the smoke run passed. Every Python process prints its stacks
 # every STACKS_EVERY_S seconds, so a hang shows where.
 set -u
 export PYTHONPATH=$PWD:$PWD/scripts/debug_site NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export STACKS_EVERY_S=${STACKS_EVERY_S:-60} NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-570}
-parts=" ${*:-dp smoke tests gpu1tests bench8b} "
+parts=" ${*:-dp smoke tests gpu1tests bench8b full8b} "
 summary=()
 note() { summary+=("$1"); echo "== $1 (t=${SECONDS}s)"; }
 # limited LIMIT LOG CMD...: run CMD with a timeout of min(LIMIT, what the budget has left), or skip it.
@@ -34,6 +35,11 @@ if [[ $parts == *" smoke "* ]]; then
   note "TP smoke (rc $smoke_ok): $(grep -E '^[0-9:]{8} ' "$OUT/tp_smoke.txt" | tail -3 | tr '\n' ';')"
   ((smoke_ok == 0)) || grep -v "^INFO\|nanovllm.engine.model_runner" "$OUT/tp_smoke.txt" | tail -60
 fi
+if [[ $parts == *" probe "* ]]; then
+  limited 120 "$OUT/probe_all_reduce.txt" python3 scripts/probe_all_reduce.py
+  note "all-reduce probe (rc $?)"
+  grep -v "INFO\|WARN" "$OUT/probe_all_reduce.txt" | tail -12
+fi
 if [[ $parts == *" tests "* ]] && ((smoke_ok == 0)); then
   limited 220 "$OUT/tp_tests.txt" python3 -m pytest -q -s -x -m cuda tests/test_tensor_parallel_cuda.py \
     -o faulthandler_timeout=0 --durations=5
@@ -45,7 +51,7 @@ if [[ $parts == *" gpu1tests "* ]]; then
   note "one-GPU engine tests (rc $?): $(tail -1 "$OUT/gpu1_tests.txt")"
   grep -E "^E .*(Error|assert)" "$OUT/gpu1_tests.txt" | head -8
 fi
-if [[ $parts == *" bench8b "* ]] && ((smoke_ok == 0)); then
+if [[ $parts == *" bench8b "* || $parts == *" full8b "* ]] && ((smoke_ok == 0)) && [[ ! -d /tmp/qwen3-8b ]]; then
   limited 90 "$OUT/make_8b.txt" python3 - <<'PY'
 import torch
 from nanovllm.testing.checkpoints import make_random_checkpoint
@@ -53,20 +59,24 @@ from nanovllm.testing.tokenizer import train_tokenizer
 make_random_checkpoint("/tmp/qwen3-8b", "qwen3-8b", dtype=torch.bfloat16, device="cuda", std=0.02)
 train_tokenizer("/tmp/qwen3-8b")
 PY
+fi
+if [[ $parts == *" bench8b "* ]] && ((smoke_ok == 0)); then
   for tp in 2 1; do
     limited 120 "$OUT/tp${tp}_single.txt" python3 bench.py --model /tmp/qwen3-8b --tensor-parallel-size $tp \
       --num-seqs 1 --input-len 128 --output-len 512
     note "8B TP=$tp single: $(grep -E 'output tok/s|per output token|start-up' "$OUT/tp${tp}_single.txt" | tr -s ' ' | tr '\n' ';')"
   done
+fi
+if [[ $parts == *" profile8b "* ]] && ((smoke_ok == 0)); then
+  limited 200 "$OUT/profile8b.txt" python3 scripts/profile_kernels.py --shape qwen3-8b --tensor-parallel-size 2 \
+    --batch-sizes 1 256 --top 20
+  note "8B TP=2 kernels: $(grep '^== batch' "$OUT/profile8b.txt" | tr '\n' ';')"
+fi
+if [[ $parts == *" full8b "* ]] && ((smoke_ok == 0)); then
   for tp in 2 1; do
     limited 150 "$OUT/tp${tp}_full.txt" python3 bench.py --model /tmp/qwen3-8b --tensor-parallel-size $tp
     note "8B TP=$tp full: $(grep -E 'output tok/s|  seconds|fraction|start-up' "$OUT/tp${tp}_full.txt" | tr -s ' ' | tr '\n' ';')"
   done
-fi
-if [[ $parts == *" profile8b "* ]] && ((smoke_ok == 0)); then
-  limited 200 "$OUT/profile8b.txt" python3 scripts/profile_kernels.py --shape qwen3-8b --tensor-parallel-size 2 \
-    --batch-sizes 1 --top 20
-  note "8B TP=2 kernels: $(grep '^== batch' "$OUT/profile8b.txt")"
 fi
 echo; echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) x$(nvidia-smi -L | wc -l)  date: $(date -u +%F)"
 printf '%s\n' "${summary[@]}"

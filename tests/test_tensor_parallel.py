@@ -7,7 +7,6 @@ import random
 import signal
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from nanovllm.engine.tp_channel import CallChannel, WorkerGone
 from nanovllm.engine.tp_step import SequenceMirror, StepEncoder
 from nanovllm.testing.checkpoints import make_random_checkpoint
 from nanovllm.testing.tokenizer import train_tokenizer
+from nanovllm.utils.distributed import ParallelGroup
 from tests.conftest import CPU_ENGINE, generate_while_killing_worker, hf_greedy
 from tests.test_async_scheduling import count_look_aheads
 
@@ -184,7 +184,7 @@ def test_killed_worker_raises_even_when_the_group_abort_hangs(tiny_model, prompt
         hanging = AbortThatHangs(pool.group.group)
         # The watchdog aborts the group on CUDA only (gloo notices a dead peer by itself).
         monkeypatch.setattr(pool, "device", torch.device("cuda"))
-        monkeypatch.setattr(pool, "group", SimpleNamespace(group=hanging))
+        monkeypatch.setattr(pool, "group", ParallelGroup(0, 2, hanging))
         outcome, seconds = generate_while_killing_worker(llm, monkeypatch, lambda: greedy_tokens(llm, prompts),
                                                          pids[0], kill_at_call=2, deadline=30)
         assert seconds < 15

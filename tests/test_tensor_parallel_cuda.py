@@ -65,3 +65,78 @@ def test_killed_worker_raises_within_seconds(model_dir, prompts, monkeypatch):
     assert seconds < 20
     assert outcome and "rank 1" in str(outcome[0])
     llm.exit()
+
+
+def _peer_all_reduce_rank(rank: int, port: int) -> None:
+    """One rank of test_peer_all_reduce_matches_nccl (a spawned process; an assertion fails the test)."""
+    import threading
+    import time
+
+    from nanovllm.utils.distributed import create_group, open_store
+    from nanovllm.utils.peer_all_reduce import SLOT_BYTES
+
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    group = create_group(open_store(rank, 2, port), rank, 2, device)
+    assert group.peer is not None, "two GPUs with peer access must use the peer all-reduce"
+
+    def both_ranks(numel: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+        generator = torch.Generator(device).manual_seed(seed * 2 + rank)
+        return torch.randn(numel, generator=generator, device=device).to(dtype)
+
+    def nccl_sum(x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        torch.distributed.all_reduce(y, group=group.group)
+        return y
+
+    def same_on_both_ranks(y: torch.Tensor) -> None:
+        other = [torch.empty_like(y) for _ in range(2)]
+        torch.distributed.all_gather(other, y, group=group.group)
+        assert torch.equal(other[0], other[1]), "the ranks' sums differ"
+
+    # Eager, every size class: one element, partial and whole chunks, the largest slot.
+    for seed, (dtype, numel) in enumerate([(d, n) for d in (torch.bfloat16, torch.float32)
+                                           for n in (1, 1000, 1024, 4096, 4097, 1 << 20)]
+                                          + [(torch.bfloat16, SLOT_BYTES // 2)]):
+        x = both_ranks(numel, dtype, seed)
+        expected = nccl_sum(x)
+        got = group.peer.all_reduce(x.clone())
+        torch.testing.assert_close(got, expected)  # a stale slot or a missing addend is off by O(1)
+        same_on_both_ranks(got)
+
+    # In a CUDA graph, replayed many times on new inputs, as decoding does.
+    static = torch.empty(8 * 4096, dtype=torch.bfloat16, device=device)
+    warm = static.clone()
+    group.peer.all_reduce(warm)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = [group.peer.all_reduce(static[:4096 * (i + 1)].clone()) for i in range(4)]
+    for replay in range(50):
+        static.copy_(both_ranks(static.numel(), torch.bfloat16, 100 + replay))
+        expected = nccl_sum(static)
+        graph.replay()
+        for i, out in enumerate(outputs):
+            torch.testing.assert_close(out, expected[:4096 * (i + 1)])
+
+    # A rank that never arrives: abort() releases the waiting rank within moments.
+    torch.cuda.synchronize(device)
+    torch.distributed.all_reduce(torch.zeros(1, device=device), group=group.group)
+    torch.cuda.synchronize(device)
+    if rank == 0:
+        threading.Timer(1.0, group.peer.abort).start()
+        started = time.perf_counter()
+        group.peer.all_reduce(torch.ones(4096, device=device))
+        torch.cuda.synchronize(device)
+        assert time.perf_counter() - started < 10
+    else:
+        time.sleep(3)
+    group.abort()
+
+
+def test_peer_all_reduce_matches_nccl():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_peer_all_reduce_rank, args=(port,), nprocs=2, join=True)

@@ -176,9 +176,9 @@ class WorkerPool:
         self.failure = self._dead_worker(timeout=0)
         logger.error("%s", self.failure)
         if self.device.type == "cuda":
-            # A NCCL collective would wait for the dead rank until its timeout; aborting the group
-            # ends it now (gloo notices the closed socket by itself).
-            self.group.group.abort()
+            # A NCCL collective or a peer all-reduce would wait for the dead rank until its timeout;
+            # aborting the group ends them now (gloo notices the closed socket by itself).
+            self.group.abort()
 
     # ---- shutdown -----------------------------------------------------------------------------
     def close(self, graceful: bool = True) -> None:

@@ -61,11 +61,9 @@ def end_group(group: ParallelGroup, runner: ModelRunner | None, device: torch.de
     if runner is not None:
         runner.release_graphs()
     if graceful:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        group.group.shutdown()
+        group.shutdown(device)
     else:
-        group.group.abort()
+        group.abort()
 
 
 def run_worker(rank: int, config: Config, store_port: int, channel: ChannelEndpoint, log_level: int) -> None:

@@ -10,9 +10,13 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from nanovllm.utils.peer_all_reduce import PeerAllReduce
 
 # A rank waits this long for the others to join the store, then for each collective. Generous:
 # ranks load weights and capture CUDA graphs at different speeds. A rank that dies is noticed at
@@ -26,9 +30,13 @@ class ParallelGroup:
     rank: int = 0
     world_size: int = 1
     group: "dist.ProcessGroup | None" = None
+    peer: "PeerAllReduce | None" = None  # CUDA: small all-reduces over peer memory instead of NCCL
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """In place: x becomes the sum over the ranks."""
         if self.world_size > 1:
+            if self.peer is not None and self.peer.fits(x):
+                return self.peer.all_reduce(x)
             dist.all_reduce(x, group=self.group)
         return x
 
@@ -46,6 +54,22 @@ class ParallelGroup:
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim)
+
+    def shutdown(self, device: torch.device) -> None:
+        """Every rank together, once no collective is pending: free the peer buffers, then the group."""
+        if device.type == "cuda":
+            if self.peer is not None:  # no rank frees its buffer while another may still read it
+                dist.all_reduce(torch.zeros(1, device=device), group=self.group)
+            torch.cuda.synchronize(device)
+        if self.peer is not None:
+            self.peer.close()
+        self.group.shutdown()
+
+    def abort(self) -> None:
+        """End this rank's collectives now, also those waiting for a rank that died; any thread."""
+        if self.peer is not None:
+            self.peer.abort()
+        self.group.abort()
 
 
 def open_store(rank: int, world_size: int, port: int = 0) -> dist.TCPStore:
@@ -74,7 +98,12 @@ def create_group(store: dist.Store, rank: int, world_size: int, device: torch.de
         backend.eager_connect_single_device(device)  # connect now, not inside the first CUDA graph capture
     pg._set_default_backend(backend_type)
     pg._register_backend(device, backend_type, backend)
-    return ParallelGroup(rank, world_size, pg)
+    peer = None
+    if device.type == "cuda":
+        from nanovllm.utils.peer_all_reduce import PeerAllReduce, peer_all_reduce_wanted  # imports Triton
+        if peer_all_reduce_wanted(device, world_size):
+            peer = PeerAllReduce(store, rank, world_size, device, COLLECTIVE_TIMEOUT.total_seconds())
+    return ParallelGroup(rank, world_size, pg, peer)
 
 
 _building_group = ParallelGroup()

@@ -1,5 +1,6 @@
 """Time one all-reduce on two GPUs, NCCL against the peer all-reduce (utils/peer_all_reduce.py), at the
-sizes tensor-parallel Qwen3 sends: one row of hidden states per sequence (bf16). Each is timed as a CUDA
+sizes tensor-parallel Qwen3 sends: one row of hidden states per sequence (bf16; nan: too large for the
+peer all-reduce, which leaves it to NCCL). Each is timed as a CUDA
 graph of 20 all-reduces back to back, as decode runs them; rank 0 prints microseconds per all-reduce.
 
     PYTHONPATH=. python3 scripts/probe_all_reduce.py
@@ -45,7 +46,8 @@ def rank_main(rank: int, port: int) -> None:
         for rows in ROWS:
             x = torch.zeros(rows, hidden, dtype=torch.bfloat16, device=device)  # stays finite when summed in place
             nccl = time_graph(lambda: dist.all_reduce(x, group=group.group), device)
-            peer = time_graph(lambda: group.peer.all_reduce(x), device) if group.peer else float("nan")
+            fits = group.peer is not None and group.peer.fits(x)
+            peer = time_graph(lambda: group.peer.all_reduce(x), device) if fits else float("nan")  # NCCL's
             if rank == 0:
                 print(f"{rows:>5} x {hidden:<6} {x.numel() * 2:>9} {nccl:>8.1f} {peer:>8.1f}")
     group.shutdown(device)

@@ -73,7 +73,7 @@ def _peer_all_reduce_rank(rank: int, port: int) -> None:
     import time
 
     from nanovllm.utils.distributed import create_group, open_store
-    from nanovllm.utils.peer_all_reduce import SLOT_BYTES
+    from nanovllm.utils.peer_all_reduce import MAX_ELEMENTS
 
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
@@ -94,11 +94,11 @@ def _peer_all_reduce_rank(rank: int, port: int) -> None:
         torch.distributed.all_gather(other, y, group=group.group)
         assert torch.equal(other[0], other[1]), "the ranks' sums differ"
 
-    # Eager, every size class: one element, partial and whole chunks, the largest slot.
+    # Eager, every size class: one element, partial and whole chunks, the largest message it takes.
     for seed, (dtype, numel) in enumerate([(d, n) for d in (torch.bfloat16, torch.float32)
-                                           for n in (1, 1000, 1024, 4096, 4097, 1 << 20)]
-                                          + [(torch.bfloat16, SLOT_BYTES // 2)]):
+                                           for n in (1, 1000, 1024, 4096, 4097, MAX_ELEMENTS)]):
         x = both_ranks(numel, dtype, seed)
+        assert group.peer.fits(x) and not group.peer.fits(both_ranks(MAX_ELEMENTS + 1, dtype, seed))
         expected = nccl_sum(x)
         got = group.peer.all_reduce(x.clone())
         torch.testing.assert_close(got, expected)  # a stale slot or a missing addend is off by O(1)

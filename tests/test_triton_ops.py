@@ -124,6 +124,37 @@ def check_race(rows: int, dtype: torch.dtype, device: str):
     assert not torch.equal(race(logits, temperature), race(logits, temperature))  # a fresh seed each call
 
 
+def check_split_decode(dtype: torch.dtype, device: str):
+    """Decode attention split over the context, the last split of each (sequence, KV head) merging: equal to
+    a softmax over each sequence's gathered cache, twice in a row (the arrival counters reset), with a
+    graph-padding row (context 0) of zeros. Contexts span one to many tiles; blocks are permuted."""
+    from nanovllm.attention.triton_kernels import paged_decode_attention
+    from nanovllm.attention.triton_kernels.decode import _arrivals
+
+    generator = torch.Generator().manual_seed(0)
+    heads, kv_heads, head_dim, block_size = 16, 8, 128, 16
+    context_lens = torch.tensor([300, 0, 190, 1], dtype=torch.int32)
+    blocks_per_seq = 20
+    k_cache = torch.randn(4 * blocks_per_seq, block_size, kv_heads, head_dim, generator=generator).to(dtype)
+    v_cache = torch.randn(k_cache.shape, generator=generator).to(dtype)
+    q = torch.randn(4, heads, head_dim, generator=generator).to(dtype)
+    block_tables = torch.randperm(4 * blocks_per_seq, generator=generator, dtype=torch.int32).view(4, -1)
+    expected = torch.zeros(q.shape)
+    for seq, length in enumerate(context_lens.tolist()):
+        if length:
+            slots = (block_tables[seq].long()[:, None] * block_size + torch.arange(block_size)).flatten()[:length]
+            k = k_cache.flatten(0, 1)[slots].float().repeat_interleave(heads // kv_heads, 1)  # [T, H, D]
+            v = v_cache.flatten(0, 1)[slots].float().repeat_interleave(heads // kv_heads, 1)
+            weights = (torch.einsum("hd,thd->ht", q[seq].float(), k) * head_dim ** -0.5).softmax(-1)
+            expected[seq] = torch.einsum("ht,thd->hd", weights, v)
+    tensors = [t.to(device) for t in (q, k_cache, v_cache, block_tables, context_lens)]
+    for num_splits in (3, 3, 8):
+        poison_next_outputs(device, (tuple(q.shape), dtype))
+        out = paged_decode_attention(*tensors, head_dim ** -0.5, num_splits=num_splits)
+        torch.testing.assert_close(out.float().cpu(), expected, atol=4 * ULP[dtype], rtol=4 * ULP[dtype])
+    assert not _arrivals(torch.device(device), 1).any()
+
+
 # Sizes that are not multiples of any block, and one row count per size bucket.
 GEMV_CASES = [(rows, n, k, gated) for rows in (1, 3, 8)
               for n, k, gated in ((37, 48, False), (100, 72, True), (9, 1100, False))]
@@ -138,7 +169,8 @@ def test_interpreted_kernels_match_torch():
               f"for case in {GEMV_CASES}: check_gemv(*case, torch.float16, 'cpu')\n"
               f"for case in {NORM_GEMV_CASES}: check_norm_gemv(*case, torch.float16, 'cpu')\n"
               f"for case in {QK_CASES}: check_qk_norm_rope_store(*case, torch.float16, 'cpu')\n"
-              "check_race(48, torch.float16, 'cpu')\n")
+              "check_race(48, torch.float16, 'cpu')\n"
+              "check_split_decode(torch.float16, 'cpu')\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=600,
                           env=os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": root})
@@ -191,3 +223,10 @@ def test_compiled_qk_norm_rope_store_matches_eager(tokens, heads, kv_heads, head
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_compiled_race_draws_from_softmax(dtype):
     check_race(200_000, dtype, "cuda")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_split_decode_merges_in_its_last_split(dtype):
+    check_split_decode(dtype, "cuda")

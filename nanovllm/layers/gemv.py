@@ -34,10 +34,31 @@ def _load_input(x_ptr, residual_ptr, offsets, mask, HAS_RESIDUAL: tl.constexpr):
 
 @triton.jit
 def _load_weight(w_ptr, features, feature_mask, stride_w, k_start, K, BLOCK_K: tl.constexpr):
-    """The [BLOCK_N, BLOCK_K] tile of W at k_start; all masked (no memory read) once k_start >= K."""
+    """The [BLOCK_N, BLOCK_K] tile of W at k_start."""
     ks = k_start + tl.arange(0, BLOCK_K)
     return tl.load(w_ptr + features[:, None] * stride_w + ks[None, :],
                    mask=feature_mask[:, None] & (ks < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _tile_product(acc, w, x_ptr, residual_ptr, norm_weight_ptr, rstd, rows, row_mask, k_start, K, stride_x,
+                  BLOCK_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] + the product of the input's tile at k_start with w, its weight tile."""
+    ks = k_start + tl.arange(0, BLOCK_K)
+    k_mask = ks < K
+    x_offsets = rows[:, None] * stride_x + ks[None, :]
+    x_mask = row_mask[:, None] & k_mask[None, :]
+    x = _load_input(x_ptr, residual_ptr, x_offsets, x_mask, HAS_RESIDUAL)  # [BLOCK_M, BLOCK_K]
+    if NORM:
+        # The unfused RMSNorm's steps: normalize in float32, round, scale by the weight (rounded).
+        norm_weight = tl.load(norm_weight_ptr + ks, mask=k_mask, other=0.0)
+        x = (x.to(tl.float32) * rstd).to(w.dtype) * norm_weight[None, :]
+    if GATED:
+        gate = x.to(tl.float32)
+        up = tl.load(x_ptr + x_offsets + K, mask=x_mask, other=0.0).to(tl.float32)
+        # Rounded once to the input dtype, as the compiled silu_and_mul does (eager rounds twice).
+        x = (gate / (1.0 + tl.exp(-gate)) * up).to(w.dtype)
+    return acc + tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
 
 
 @triton.jit(do_not_specialize=["num_rows"])
@@ -49,10 +70,11 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, num_rows, N, K, stride_x, stride_w, stride
     feature_mask = features < N
     release_next(PDL)
     # No kernel writes the weights: their first tile streams in while the previous kernel finishes.
-    w = _load_weight(w_ptr, features, feature_mask, stride_w, 0, K, BLOCK_K)  # [BLOCK_N, BLOCK_K]
+    first_w = _load_weight(w_ptr, features, feature_mask, stride_w, 0, K, BLOCK_K)  # [BLOCK_N, BLOCK_K]
     wait_for_previous(PDL)
     rows = tl.arange(0, BLOCK_M)
     row_mask = rows < num_rows
+    rstd = tl.full([BLOCK_M, 1], 1.0, tl.float32)
     if NORM:
         # Every program needs each row's whole norm: a first pass over the row (from L2) sums its
         # squares; the first program also writes x + residual, the next layer's residual.
@@ -67,24 +89,13 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, num_rows, N, K, stride_x, stride_w, stride
                     tl.store(residual_out_ptr + offsets, x, mask=mask)
             squares += tl.sum(x.to(tl.float32) * x.to(tl.float32), 1)
         rstd = tl.rsqrt(squares / K + eps)[:, None]  # [BLOCK_M, 1]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k_start in range(0, K, BLOCK_K):
-        ks = k_start + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
-        x_offsets = rows[:, None] * stride_x + ks[None, :]
-        x_mask = row_mask[:, None] & k_mask[None, :]
-        x = _load_input(x_ptr, residual_ptr, x_offsets, x_mask, HAS_RESIDUAL)  # [BLOCK_M, BLOCK_K]
-        if NORM:
-            # The unfused RMSNorm's steps: normalize in float32, round, scale by the weight (rounded).
-            norm_weight = tl.load(norm_weight_ptr + ks, mask=k_mask, other=0.0)
-            x = (x.to(tl.float32) * rstd).to(w.dtype) * norm_weight[None, :]
-        if GATED:
-            gate = x.to(tl.float32)
-            up = tl.load(x_ptr + x_offsets + K, mask=x_mask, other=0.0).to(tl.float32)
-            # Rounded once to the input dtype, as the compiled silu_and_mul does (eager rounds twice).
-            x = (gate / (1.0 + tl.exp(-gate)) * up).to(w.dtype)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-        w = _load_weight(w_ptr, features, feature_mask, stride_w, k_start + BLOCK_K, K, BLOCK_K)
+    acc = _tile_product(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), first_w, x_ptr, residual_ptr, norm_weight_ptr,
+                        rstd, rows, row_mask, 0, K, stride_x, BLOCK_K, GATED, NORM, HAS_RESIDUAL)
+    # The rest as a plain loop, whose loads Triton pipelines.
+    for k_start in range(BLOCK_K, K, BLOCK_K):
+        w = _load_weight(w_ptr, features, feature_mask, stride_w, k_start, K, BLOCK_K)
+        acc = _tile_product(acc, w, x_ptr, residual_ptr, norm_weight_ptr, rstd, rows, row_mask, k_start, K,
+                            stride_x, BLOCK_K, GATED, NORM, HAS_RESIDUAL)
     tl.store(y_ptr + rows[:, None] * stride_y + features[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=row_mask[:, None] & feature_mask[None, :])
 

@@ -20,7 +20,11 @@ memory: `abort()` (a worker died) releases every waiting kernel at once, and the
 longer than COLLECTIVE_TIMEOUT (a rank that hangs without dying) traps, which ends the process's CUDA
 context with an error, as NCCL's watchdog ends a process whose collective timed out.
 
-Messages larger than one slot (4 MiB: long prefills) go through NCCL, whose ring is faster there.
+Only messages of at most MAX_PROGRAMS chunks (16K elements: a decode batch of up to 4 rows of Qwen3-8B,
+16 of Qwen3-0.6B) take this path; larger ones go through NCCL. Measured on 2 x H200
+(scripts/probe_all_reduce.py, BENCHMARKS.md): 5.4 us against NCCL's 8.9 us for one row, 6.2 against 9.8
+at 16 chunks, but 205 us at 64 chunks and 2.4 ms at 2,048 (NCCL: 10 and 30 us). Why it degrades with
+the grid is not established (each program's system-scope release and acquire are the suspects).
 """
 import logging
 import os
@@ -36,8 +40,9 @@ from nanovllm.utils.pdl import pdl_enabled, release_next, wait_for_previous
 logger = logging.getLogger(__name__)
 
 BLOCK = 1024  # elements per program (chunk)
-SLOT_BYTES = 4 << 20  # one epoch's data of one rank; twice this per rank
-MAX_PROGRAMS = SLOT_BYTES // (2 * BLOCK)  # the chunks of a full slot of 2-byte elements
+MAX_PROGRAMS = 16
+MAX_ELEMENTS = BLOCK * MAX_PROGRAMS
+SLOT_BYTES = MAX_ELEMENTS * 4  # one epoch's data of one rank, float32 at most; two slots per rank
 MAX_WORLD = 8
 # Control words after the two slots: [aborted, epochs[MAX_PROGRAMS], flags[MAX_WORLD][MAX_PROGRAMS]] (int32).
 _EPOCHS, _FLAGS = 1, 1 + MAX_PROGRAMS
@@ -141,8 +146,7 @@ class PeerAllReduce:
             raise
 
     def fits(self, x: torch.Tensor) -> bool:
-        return (x.dtype in _DTYPES and x.is_contiguous() and 0 < x.numel() * x.element_size() <= SLOT_BYTES
-                and x.device == self.device)
+        return x.dtype in _DTYPES and x.is_contiguous() and 0 < x.numel() <= MAX_ELEMENTS and x.device == self.device
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """In place, as dist.all_reduce: x becomes the sum of every rank's x. x must fit (see fits)."""

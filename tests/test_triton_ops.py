@@ -125,11 +125,9 @@ def check_race(rows: int, dtype: torch.dtype, device: str):
 
 
 def check_split_decode(dtype: torch.dtype, device: str):
-    """Decode attention split over the context, the last split of each (sequence, KV head) merging: equal to
-    a softmax over each sequence's gathered cache, twice in a row (the arrival counters reset), with a
-    graph-padding row (context 0) of zeros. Contexts span one to many tiles; blocks are permuted."""
+    """Decode attention split over the context, then merged: equal to a softmax over each sequence's gathered
+    cache, with a graph-padding row (context 0) of zeros. Contexts span one to many tiles; blocks are permuted."""
     from nanovllm.attention.triton_kernels import paged_decode_attention
-    from nanovllm.attention.triton_kernels.decode import _arrivals
 
     generator = torch.Generator().manual_seed(0)
     heads, kv_heads, head_dim, block_size = 16, 8, 128, 16
@@ -148,11 +146,10 @@ def check_split_decode(dtype: torch.dtype, device: str):
             weights = (torch.einsum("hd,thd->ht", q[seq].float(), k) * head_dim ** -0.5).softmax(-1)
             expected[seq] = torch.einsum("ht,thd->hd", weights, v)
     tensors = [t.to(device) for t in (q, k_cache, v_cache, block_tables, context_lens)]
-    for num_splits in (3, 3, 8):
+    for num_splits in (1, 3, 8):
         poison_next_outputs(device, (tuple(q.shape), dtype))
         out = paged_decode_attention(*tensors, head_dim ** -0.5, num_splits=num_splits)
         torch.testing.assert_close(out.float().cpu(), expected, atol=4 * ULP[dtype], rtol=4 * ULP[dtype])
-    assert not _arrivals(torch.device(device), 1).any()
 
 
 # Sizes that are not multiples of any block, and one row count per size bucket.
@@ -228,5 +225,5 @@ def test_compiled_race_draws_from_softmax(dtype):
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_compiled_split_decode_merges_in_its_last_split(dtype):
+def test_compiled_split_decode_matches_softmax(dtype):
     check_split_decode(dtype, "cuda")

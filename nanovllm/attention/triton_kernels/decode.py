@@ -3,9 +3,8 @@
 A program handles one (sequence, KV head, context split). The G = H / Hkv query heads that share the
 KV head are the rows of one tile, padded to 16 rows, so scores and the value product run as tl.dot on
 the tensor cores (DESIGN.md: 93% of copy bandwidth, against 18-28% for elementwise products).
-Small batches also split the context over programs (flash-decoding); the last split of a (sequence,
-KV head) to finish, counted by an atomic per pair, merges the partial softmaxes, so a step needs no
-second kernel (a launch is a few microseconds of a 35 us layer at batch 1).
+Small batches also split the context over programs (flash-decoding) and a second kernel merges the
+partial softmaxes.
 
 CUDA-graph safe: the grid depends only on shapes, and each sequence's split ranges are derived on the
 device from its context length; splits past a sequence's context exit at once.
@@ -30,43 +29,14 @@ NUM_STAGES = 3
 # 512 programs read at 80% of copy bandwidth and 576 (a second, nearly empty wave) at 65%.
 PROGRAMS_PER_SM = 4
 MAX_SPLITS = 128
-MERGE_CHUNK = tl.constexpr(16)  # partials the merge reads at a time
-# Arrival counters per device: one per (sequence, KV head) of a split launch, which split only when the
-# grid would be under one program per SM; ample for any batch that splits.
-MAX_SPLIT_PAIRS = 1 << 16
-_arrival_counters: dict[torch.device, torch.Tensor] = {}
 
 
 @triton.jit
-def _split_len(context_len, num_splits, TILE: tl.constexpr):
-    # Whole tiles per split, so only a sequence's last tile is partial. The first
-    # cdiv(context_len, split_len) splits hold the context; the others are empty.
-    return tl.cdiv(tl.cdiv(context_len, num_splits), TILE) * TILE
-
-
-@triton.jit
-def _merge_head(partial_out_ptr, partial_lse_ptr, first_part, num_parts, out_ptr,
-                HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr):
-    """out [D] = the softmax-weighted mean of one head's num_parts partial outputs, read CHUNK at a time
-    (the running maximum rescales what came before)."""
-    dims = tl.arange(0, HEAD_DIM)
-    top = tl.full([], float("-inf"), tl.float32)
-    total = tl.zeros([], tl.float32)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for chunk in range(0, num_parts, CHUNK):
-        parts = chunk + tl.arange(0, CHUNK)
-        valid = parts < num_parts
-        # .cg: other programs wrote these, after this SM may have cached the lines
-        lse = tl.load(partial_lse_ptr + first_part + parts, mask=valid, other=float("-inf"), cache_modifier=".cg")
-        new_top = tl.maximum(top, tl.max(lse, 0))
-        rescale = tl.exp2(top - new_top)
-        weights = tl.where(valid, tl.exp2(lse - new_top), 0.0)
-        outs = tl.load(partial_out_ptr + (first_part + parts)[:, None] * HEAD_DIM + dims[None, :],
-                       mask=valid[:, None], other=0.0, cache_modifier=".cg")
-        acc = acc * rescale + tl.sum(weights[:, None] * outs, 0)
-        total = total * rescale + tl.sum(weights, 0)
-        top = new_top
-    tl.store(out_ptr + dims, (acc / total).to(out_ptr.dtype.element_ty))
+def _split_range(context_len, split, num_splits, TILE: tl.constexpr):
+    # Whole tiles per split, so only a sequence's last tile is partial; both kernels derive the same ranges.
+    split_len = tl.cdiv(tl.cdiv(context_len, num_splits), TILE) * TILE
+    start = split * split_len
+    return start, tl.minimum(start + split_len, context_len)
 
 
 # Values that change from call to call are not specialized on (== 1, % 16 == 0): each specialization
@@ -74,7 +44,7 @@ def _merge_head(partial_out_ptr, partial_lse_ptr, first_part, num_parts, out_ptr
 @triton.jit(do_not_specialize=["num_splits", "stride_table_seq"])
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, partial_out_ptr, partial_lse_ptr, arrivals_ptr, qk_scale, num_splits,
+    out_ptr, partial_out_ptr, partial_lse_ptr, qk_scale, num_splits,
     stride_q_seq, stride_q_head, stride_out_seq, stride_out_head,
     stride_cache_block, stride_cache_token, stride_cache_head, stride_table_seq,
     GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -84,20 +54,15 @@ def _paged_decode_kernel(
     wait_for_previous(PDL)
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
-    split_len = _split_len(context_len, num_splits, TILE)
-    start = split * split_len
-    end = tl.minimum(start + split_len, context_len)
+    start, end = _split_range(context_len, split, num_splits, TILE)
+    if SPLIT:
+        if start >= end:  # past this sequence's context; the merge skips this split
+            return
+
     rows = tl.arange(0, GROUP_ROWS)
     row_mask = rows < GROUP
     heads = kv_head * GROUP + rows
     dims = tl.arange(0, HEAD_DIM)
-    out_rows = out_ptr + seq * stride_out_seq + heads[:, None] * stride_out_head + dims[None, :]
-    if SPLIT:
-        if start >= end:  # past this sequence's context
-            if context_len == 0 and split == 0:  # a graph-padding row: zeros, as without splits
-                tl.store(out_rows, tl.zeros([GROUP_ROWS, HEAD_DIM], tl.float32).to(out_ptr.dtype.element_ty),
-                         mask=row_mask[:, None])
-            return
     q = tl.load(q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
                 mask=row_mask[:, None], other=0.0)  # [GROUP_ROWS, D]
 
@@ -121,33 +86,33 @@ def _paged_decode_kernel(
         tl.store(partial_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc / row_sum[:, None],
                  mask=row_mask[:, None])
         tl.store(partial_lse_ptr + part, row_max + tl.log2(row_sum), mask=row_mask)
-        tl.debug_barrier()  # all of this program's partials are written before it counts itself in
-        arrivals = arrivals_ptr + seq * tl.num_programs(1) + kv_head
-        arrived = tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu")
-        if arrived == tl.cdiv(context_len, split_len) - 1:  # the last split in: merge them all
-            tl.debug_barrier()
-            for row in tl.static_range(GROUP):
-                head = kv_head * GROUP + row
-                _merge_head(partial_out_ptr, partial_lse_ptr, (seq * tl.num_programs(1) * GROUP + head) * num_splits,
-                            tl.cdiv(context_len, split_len), out_ptr + seq * stride_out_seq + head * stride_out_head,
-                            HEAD_DIM, MERGE_CHUNK)
-            tl.store(arrivals, 0)  # counted afresh by the next call
     else:
         # Graph-padding rows have context_len 0: write zeros rather than 0 / 0.
         out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
-        tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+        tl.store(out_ptr + seq * stride_out_seq + heads[:, None] * stride_out_head + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
 
-def _arrivals(device: torch.device, pairs: int) -> torch.Tensor:
-    """Zeroed int32 counters kept for the process: the programs that merge reset theirs, so CUDA graphs
-    replay them as they are. Made at the first split launch, which is eager (each graph's warm-up runs
-    before its capture). Launches on one device share them, so they must not run concurrently."""
-    if pairs > MAX_SPLIT_PAIRS:
-        raise ValueError(f"a split decode launch takes at most {MAX_SPLIT_PAIRS} (sequence, KV head) pairs, "
-                         f"got {pairs}; use num_splits=1")
-    if device not in _arrival_counters:
-        _arrival_counters[device] = torch.zeros(MAX_SPLIT_PAIRS, dtype=torch.int32, device=device)
-    return _arrival_counters[device]
+@triton.jit(do_not_specialize=["num_splits"])
+def _merge_splits_kernel(
+    partial_out_ptr, partial_lse_ptr, context_lens_ptr, out_ptr, num_splits, stride_out_seq, stride_out_head,
+    HEAD_DIM: tl.constexpr, TILE: tl.constexpr, SPLIT_ROWS: tl.constexpr, PDL: tl.constexpr,
+):
+    release_next(PDL)
+    wait_for_previous(PDL)
+    seq, head = tl.program_id(0), tl.program_id(1)
+    context_len = tl.load(context_lens_ptr + seq)
+    splits = tl.arange(0, SPLIT_ROWS)
+    start, end = _split_range(context_len, splits, num_splits, TILE)
+    valid = (splits < num_splits) & (start < end)
+    part = (seq * tl.num_programs(1) + head) * num_splits + splits  # [SPLIT_ROWS]
+    dims = tl.arange(0, HEAD_DIM)
+    lse = tl.load(partial_lse_ptr + part, mask=valid, other=float("-inf"))
+    weights = tl.where(valid, tl.exp2(lse - tl.max(lse, 0)), 0.0)
+    parts = tl.load(partial_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None], other=0.0)
+    total = tl.sum(weights, 0)
+    out = tl.sum(weights[:, None] * parts, 0) / tl.where(total > 0, total, 1.0)  # zeros for context_len 0
+    tl.store(out_ptr + seq * stride_out_seq + head * stride_out_head + dims, out.to(out_ptr.dtype.element_ty))
 
 
 @lru_cache
@@ -193,14 +158,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                               dtype=torch.float32, device=q.device)
     partial_lse = torch.empty((num_seqs, num_heads, num_splits) if split else (1,), dtype=torch.float32,
                               device=q.device)
-    arrivals = _arrivals(q.device, num_seqs * num_kv_heads) if split else partial_lse
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, partial_out, partial_lse, arrivals, scale * LOG2E,
-        num_splits,
+        q, k_cache, v_cache, block_tables, context_lens, out, partial_out, partial_lse, scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_ROWS=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE=tile, SPLIT=split, DOT_PRECISION=dot_precision(q.dtype),
         PDL=pdl, num_warps=4, num_stages=NUM_STAGES, launch_pdl=pdl,
     )
+    if split:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            partial_out, partial_lse, context_lens, out, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, TILE=tile, SPLIT_ROWS=triton.next_power_of_2(num_splits), PDL=pdl, launch_pdl=pdl,
+        )
     return out

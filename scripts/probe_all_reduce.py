@@ -17,7 +17,7 @@ HIDDEN = [1024, 4096]  # Qwen3-0.6B, Qwen3-8B
 REPEATS = 20
 
 
-def time_graph(fn, device) -> float:
+def time_graph(fn) -> float:
     """Microseconds per call of fn, from a graph of REPEATS calls (median of 20 replays)."""
     fn()
     graph = torch.cuda.CUDAGraph()
@@ -45,9 +45,9 @@ def rank_main(rank: int, port: int) -> None:
     for hidden in HIDDEN:
         for rows in ROWS:
             x = torch.zeros(rows, hidden, dtype=torch.bfloat16, device=device)  # stays finite when summed in place
-            nccl = time_graph(lambda: dist.all_reduce(x, group=group.group), device)
+            nccl = time_graph(lambda: dist.all_reduce(x, group=group.group))
             fits = group.peer is not None and group.peer.fits(x)
-            peer = time_graph(lambda: group.peer.all_reduce(x), device) if fits else float("nan")  # NCCL's
+            peer = time_graph(lambda: group.peer.all_reduce(x)) if fits else float("nan")  # NCCL's
             if rank == 0:
                 print(f"{rows:>5} x {hidden:<6} {x.numel() * 2:>9} {nccl:>8.1f} {peer:>8.1f}")
     group.shutdown(device)

@@ -1,12 +1,17 @@
 """Tensor parallelism on two GPUs (NCCL, bf16, CUDA graphs): the same greedy decisions as one GPU,
-every rank's memory freed by exit(), and a dead worker raising instead of hanging."""
+every rank's memory freed by exit(), a dead worker raising instead of hanging, and the peer all-reduce
+equal to NCCL's."""
 import os
 import random
+import socket
+import threading
+import time
 
 import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.utils.distributed import create_group, open_store
 from tests.conftest import generate_while_killing_worker, make_gpu_model
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
@@ -69,11 +74,7 @@ def test_killed_worker_raises_within_seconds(model_dir, prompts, monkeypatch):
 
 def _peer_all_reduce_rank(rank: int, port: int) -> None:
     """One rank of test_peer_all_reduce_matches_nccl (a spawned process; an assertion fails the test)."""
-    import threading
-    import time
-
-    from nanovllm.utils.distributed import create_group, open_store
-    from nanovllm.utils.peer_all_reduce import MAX_ELEMENTS
+    from nanovllm.utils.peer_all_reduce import MAX_ELEMENTS  # imports Triton
 
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
@@ -134,8 +135,6 @@ def _peer_all_reduce_rank(rank: int, port: int) -> None:
 
 
 def test_peer_all_reduce_matches_nccl():
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

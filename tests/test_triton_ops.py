@@ -57,7 +57,7 @@ def check_norm_gemv(rows: int, n: int, k: int, has_residual: bool, dtype: torch.
     w = torch.randn(n, k, dtype=dtype, device=device)
     poison_next_outputs(device, ((rows, n), dtype), ((rows, k), dtype))
     y, new_residual = norm_gemv(x, residual, norm_weight, 1e-6, w)
-    normed, expected_residual = ops.norm_then_linear(ops.rms_norm, ops.add_rms_norm, lambda a, _: a)(
+    normed, expected_residual = ops.norm_then_linear(ops.rms_norm, ops.add_rms_norm, lambda a, _, bias: a)(
         x, residual, norm_weight, 1e-6, w)
     assert torch.equal(new_residual, expected_residual)
     expected = F.linear(normed.float(), w.float())

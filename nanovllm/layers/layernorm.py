@@ -22,5 +22,4 @@ class RMSNorm(nn.Module):
         """(linear(norm(x + residual)), x + residual), in one kernel where the device has one
         (ops.norm_linear); without residual, (linear(norm(x)), x). linear is column-parallel: its input
         is whole on every rank and its output needs no collective."""
-        y, residual = self.ops.norm_linear(x, residual, self.weight, self.eps, linear.weight)
-        return (y if linear.bias is None else y + linear.bias), residual
+        return self.ops.norm_linear(x, residual, self.weight, self.eps, linear.weight, linear.bias)

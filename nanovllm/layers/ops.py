@@ -73,13 +73,13 @@ def qk_norm_rotate_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tens
 
 
 def norm_then_linear(rms_norm: Callable, add_rms_norm: Callable, linear: Callable) -> Callable:
-    """norm_linear(x, residual, norm_weight, eps, weight) -> (linear(norm(x + residual)), x + residual),
-    made of separate ops; residual None: (linear(norm(x)), x)."""
-    def norm_linear(x, residual, norm_weight, eps, weight):
+    """norm_linear(x, residual, norm_weight, eps, weight, bias=None) -> (linear(norm(x + residual)),
+    x + residual), made of separate ops; residual None: (linear(norm(x)), x)."""
+    def norm_linear(x, residual, norm_weight, eps, weight, bias=None):
         if residual is None:
-            return linear(rms_norm(x, norm_weight, eps), weight), x
+            return linear(rms_norm(x, norm_weight, eps), weight, bias=bias), x
         normed, residual = add_rms_norm(x, residual, norm_weight, eps)
-        return linear(normed, weight), residual
+        return linear(normed, weight, bias=bias), residual
     return norm_linear
 
 
@@ -126,10 +126,11 @@ def cuda_ops() -> ModelOps:
         return qk_norm_rope_store(positions, q, k, v, q_weight, k_weight, eps, cos_sin_cache, attn.k_cache,
                                   attn.v_cache, get_context().slot_mapping)
 
-    def cuda_norm_linear(x, residual, norm_weight, eps, weight):
+    def cuda_norm_linear(x, residual, norm_weight, eps, weight, bias=None):
         if gemv_applies(x, weight):
-            return norm_gemv(x, residual, norm_weight, eps, weight)
-        return unfused_norm_linear(x, residual, norm_weight, eps, weight)
+            y, residual = norm_gemv(x, residual, norm_weight, eps, weight)
+            return (y if bias is None else y + bias), residual
+        return unfused_norm_linear(x, residual, norm_weight, eps, weight, bias)
 
     return ModelOps(compiled_rms_norm, compiled_add_rms_norm, cuda_qk_norm_rotate_store, cuda_linear,
                     cuda_norm_linear)

@@ -79,12 +79,12 @@ def qk_norm_rope_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     assert k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1) and k_cache.stride(3) == 1
     q_out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if num_tokens:
+        pdl = pdl_enabled(q.device)
         _qk_norm_rope_store_kernel[(num_tokens,)](
             q, k, v, q_out, k_cache, v_cache, slot_mapping, positions, q_weight, k_weight, cos_sin_cache, eps,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             k_cache.stride(1), k_cache.stride(2),
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, Q_ROWS=triton.next_power_of_2(num_heads),
-            K_ROWS=triton.next_power_of_2(num_kv_heads), HALF=head_dim // 2, PDL=pdl_enabled(q.device),
-            launch_pdl=pdl_enabled(q.device),
+            K_ROWS=triton.next_power_of_2(num_kv_heads), HALF=head_dim // 2, PDL=pdl, launch_pdl=pdl,
         )
     return q_out

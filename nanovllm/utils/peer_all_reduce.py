@@ -125,6 +125,7 @@ class PeerAllReduce:
         self.rank, self.world_size, self.device = rank, world_size, device
         self.timeout_ns = int(timeout_s * 1e9)
         self._opened: list[int] = []
+        self._host_abort = torch.zeros(1, dtype=torch.int32, pin_memory=True)  # read by the GPU (UVA)
         self._own = cuda_ipc.allocate(2 * SLOT_BYTES + 4 * _CONTROL_WORDS)
         try:
             control = cuda_ipc.as_int32_tensor(self._own + 2 * SLOT_BYTES, _CONTROL_WORDS, device)
@@ -138,7 +139,6 @@ class PeerAllReduce:
                 else:
                     self._opened.append(cuda_ipc.open_handle(store.get(f"peer_all_reduce/{peer}")))
                     addresses.append(self._opened[-1])
-            self._host_abort = torch.zeros(1, dtype=torch.int32, pin_memory=True)  # read by the GPU (UVA)
             addresses.append(self._host_abort.data_ptr())
             self._addresses = torch.tensor(addresses, dtype=torch.int64, device=device)
         except BaseException:
@@ -161,8 +161,7 @@ class PeerAllReduce:
     def abort(self) -> None:
         """Release every all-reduce waiting on this rank now and for good (their results are garbage);
         safe from any thread, since it only writes host memory."""
-        if getattr(self, "_host_abort", None) is not None:
-            self._host_abort[0] = 1
+        self._host_abort[0] = 1
 
     def close(self) -> None:
         """Unmap the peers' buffers and free this rank's. Only once no kernel of any rank can still

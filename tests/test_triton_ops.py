@@ -155,7 +155,7 @@ def check_split_decode(dtype: torch.dtype, device: str):
 # Sizes that are not multiples of any block, and one row count per size bucket.
 GEMV_CASES = [(rows, n, k, gated) for rows in (1, 3, 8)
               for n, k, gated in ((37, 48, False), (100, 72, True), (9, 1100, False))]
-NORM_GEMV_CASES = [(rows, n, k, has_residual) for rows in (1, 2) for n, k in ((37, 48), (100, 1100))
+NORM_GEMV_CASES = [(rows, n, k, has_residual) for rows in (1, 2) for n, k in ((37, 48), (100, 1100), (5, 4100))
                    for has_residual in (False, True)]
 # Qwen3's GQA (16 / 8 heads of 128), a head count that is not a power of two, head_dim 64.
 QK_CASES = [(5, 16, 8, 128), (3, 6, 2, 64), (1, 4, 4, 128)]

@@ -34,7 +34,8 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [B, hidden] -> logits [B, vocab_size], complete on every rank."""
-        logits = self.tp.all_gather(F.linear(hidden, self.weight), dim=-1)
-        return logits[:, :self.vocab_size]
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden: [B, hidden] -> logits [B, vocab_size] on rank 0, which alone samples; None on the
+        other ranks (gathering to one rank moves half what an all-gather does at two ranks)."""
+        logits = self.tp.gather(F.linear(hidden, self.weight), dim=-1)
+        return None if logits is None else logits[:, :self.vocab_size]

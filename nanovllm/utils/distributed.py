@@ -47,12 +47,17 @@ class ParallelGroup:
             self.group.broadcast(x, src).wait()  # on CUDA, the wait orders the current stream
         return x
 
-    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """Concatenate every rank's x along dim (on every rank)."""
+    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor | None:
+        """Every rank's x concatenated along dim, on rank 0; None on the other ranks."""
         if self.world_size == 1:
             return x
+        options = dist.GatherOptions()
+        options.rootRank = 0
+        if self.rank > 0:
+            self.group.gather([], [x.contiguous()], options).wait()
+            return None
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        self.group.gather([parts], [x.contiguous()], options).wait()
         return torch.cat(parts, dim)
 
     def shutdown(self, device: torch.device) -> None:

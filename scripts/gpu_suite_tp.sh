@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One call on a 2-GPU machine, inside a time budget (BUDGET seconds, default 560); logs under $OUT, a table last.
-#   bash scripts/gpu_suite_tp.sh [dp] [smoke] [probe] [tests] [gpu1tests] [bench8b] [profile8b] [full8b]
+#   bash scripts/gpu_suite_tp.sh [dp] [smoke] [probe] [tests] [gpu1tests] [bench8b] [full8b] [profile8b]
 #   (default: dp smoke tests gpu1tests bench8b full8b; they run in this order)
 # dp: the data-parallel batch-job benchmark; smoke: tensor parallelism step by step (scripts/tp_smoke.py);
-# probe: NCCL against the peer all-reduce (scripts/probe_all_reduce.py); tests: the tensor-parallel GPU tests;
+# probe: NCCL against the peer all-reduce (scripts/probe_all_reduce.py; if it fails, the later parts run
+# with NANOVLLM_PEER_ALL_REDUCE=0); tests: the tensor-parallel GPU tests (TP_TESTS: a -k expression);
 # gpu1tests: the one-GPU engine and memory tests; bench8b: Qwen3-8B TP=1 vs TP=2, single request; profile8b:
-# rank 0's kernels per decode step of Qwen3-8B at TP=2, at 1 and 256 sequences (collectives included);
+# rank 0's kernels per decode step of Qwen3-8B at TP=2 (PROFILE_TPS, default 2), at 1 and 256 sequences
+# (PROFILE_BATCHES; collectives included);
 # full8b: Qwen3-8B TP=1 vs TP=2, the full workload. All but dp and probe run only if the smoke run passed. Every Python process prints its stacks
 # every STACKS_EVERY_S seconds, so a hang shows where.
 set -u
@@ -36,13 +38,16 @@ if [[ $parts == *" smoke "* ]]; then
   ((smoke_ok == 0)) || grep -v "^INFO\|nanovllm.engine.model_runner" "$OUT/tp_smoke.txt" | tail -60
 fi
 if [[ $parts == *" probe "* ]]; then
-  limited 120 "$OUT/probe_all_reduce.txt" python3 scripts/probe_all_reduce.py
-  note "all-reduce probe (rc $?)"
-  grep -v "INFO\|WARN" "$OUT/probe_all_reduce.txt" | tail -12
+  limited 90 "$OUT/probe_all_reduce.txt" python3 scripts/probe_all_reduce.py
+  probe_rc=$?
+  # A failing peer all-reduce would take every later part down with it: they run on NCCL alone then.
+  ((probe_rc == 0)) || export NANOVLLM_PEER_ALL_REDUCE=0
+  note "all-reduce probe (rc $probe_rc; peer all-reduce ${NANOVLLM_PEER_ALL_REDUCE:-on})"
+  grep -v "INFO\|WARN" "$OUT/probe_all_reduce.txt" | tail -14
 fi
 if [[ $parts == *" tests "* ]] && ((smoke_ok == 0)); then
   limited 220 "$OUT/tp_tests.txt" python3 -m pytest -q -s -x -m cuda tests/test_tensor_parallel_cuda.py \
-    -o faulthandler_timeout=0 --durations=5
+    -o faulthandler_timeout=0 --durations=5 ${TP_TESTS:+-k "$TP_TESTS"}
   note "TP cuda tests (rc $?): $(grep -E 'passed|failed|error' "$OUT/tp_tests.txt" | tail -1)"
   grep -E "^E .*(Error|assert)" "$OUT/tp_tests.txt" | head -12
 fi
@@ -51,7 +56,7 @@ if [[ $parts == *" gpu1tests "* ]]; then
   note "one-GPU engine tests (rc $?): $(tail -1 "$OUT/gpu1_tests.txt")"
   grep -E "^E .*(Error|assert)" "$OUT/gpu1_tests.txt" | head -8
 fi
-if [[ $parts == *" bench8b "* || $parts == *" full8b "* ]] && ((smoke_ok == 0)) && [[ ! -d /tmp/qwen3-8b ]]; then
+if [[ $parts =~ " "(bench8b|full8b|profile8b)" " ]] && ((smoke_ok == 0)) && [[ ! -d /tmp/qwen3-8b ]]; then
   limited 90 "$OUT/make_8b.txt" python3 - <<'PY'
 import torch
 from nanovllm.testing.checkpoints import make_random_checkpoint
@@ -67,15 +72,17 @@ if [[ $parts == *" bench8b "* ]] && ((smoke_ok == 0)); then
     note "8B TP=$tp single: $(grep -E 'output tok/s|per output token|start-up' "$OUT/tp${tp}_single.txt" | tr -s ' ' | tr '\n' ';')"
   done
 fi
-if [[ $parts == *" profile8b "* ]] && ((smoke_ok == 0)); then
-  limited 200 "$OUT/profile8b.txt" python3 scripts/profile_kernels.py --shape qwen3-8b --tensor-parallel-size 2 \
-    --batch-sizes 1 256 --top 20
-  note "8B TP=2 kernels: $(grep '^== batch' "$OUT/profile8b.txt" | tr '\n' ';')"
-fi
 if [[ $parts == *" full8b "* ]] && ((smoke_ok == 0)); then
   for tp in 2 1; do
     limited 150 "$OUT/tp${tp}_full.txt" python3 bench.py --model /tmp/qwen3-8b --tensor-parallel-size $tp
     note "8B TP=$tp full: $(grep -E 'output tok/s|  seconds|fraction|start-up' "$OUT/tp${tp}_full.txt" | tr -s ' ' | tr '\n' ';')"
+  done
+fi
+if [[ $parts == *" profile8b "* ]] && ((smoke_ok == 0)); then
+  for tp in ${PROFILE_TPS:-2}; do
+    limited 150 "$OUT/profile8b_tp$tp.txt" python3 scripts/profile_kernels.py --model /tmp/qwen3-8b \
+      --tensor-parallel-size $tp --batch-sizes ${PROFILE_BATCHES:-1 256} --top 20
+    note "8B TP=$tp kernels: $(grep '^== batch' "$OUT/profile8b_tp$tp.txt" | tr '\n' ';')"
   done
 fi
 echo; echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) x$(nvidia-smi -L | wc -l)  date: $(date -u +%F)"

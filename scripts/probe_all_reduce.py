@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from nanovllm.utils.distributed import create_group, open_store
 
-ROWS = [1, 2, 16, 64, 256]
+ROWS = [1, 2, 16, 64, 256, 512]
 HIDDEN = [1024, 4096]  # Qwen3-0.6B, Qwen3-8B
 REPEATS = 20
 

@@ -1,7 +1,7 @@
 """GPU kernel time per decode step (torch profiler) at a few batch sizes, on random Qwen3 weights.
 With tensor parallelism it profiles rank 0's GPU, whose collectives (NCCL kernels) show among its kernels.
 
-    python scripts/profile_kernels.py [--batch-sizes 1 64 256] [--context 512] [--shape qwen3-8b]
+    python scripts/profile_kernels.py [--batch-sizes 1 64 256] [--context 512] [--shape qwen3-8b | --model DIR]
         [--tensor-parallel-size 2]
 """
 import argparse
@@ -22,11 +22,12 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--wall-steps", type=int, default=50, help="steps timed without the profiler")
-    p.add_argument("--shape", default="qwen3-0.6b")
+    p.add_argument("--shape", default="qwen3-0.6b", help="random weights of this shape")
+    p.add_argument("--model", help="a checkpoint directory instead of random weights")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        llm = LLM(make_benchmark_model(tmp, args.shape), tensor_parallel_size=args.tensor_parallel_size)
+        llm = LLM(args.model or make_benchmark_model(tmp, args.shape), tensor_parallel_size=args.tensor_parallel_size)
     params = SamplingParams(temperature=0.6, max_tokens=10_000, ignore_eos=True)
     for batch in args.batch_sizes:
         prompts = [[(i * 31 + j) % 10000 for j in range(args.context)] for i in range(batch)]

@@ -3,7 +3,7 @@
 #   bash scripts/gpu_suite_tp.sh [dp] [smoke] [probe] [tests] [gpu1tests] [bench8b] [full8b] [profile8b]
 #   (default: dp smoke tests gpu1tests bench8b full8b; they run in this order)
 # dp: the data-parallel batch-job benchmark; smoke: tensor parallelism step by step (scripts/tp_smoke.py);
-# probe: NCCL against the peer all-reduce (scripts/probe_all_reduce.py; if it fails, the later parts run
+# probe: NCCL against the peer all-reduce (scripts/probe_all_reduce.py, with --grids $PROBE_GRIDS if set; if it fails, the later parts run
 # with NANOVLLM_PEER_ALL_REDUCE=0); tests: the tensor-parallel GPU tests (TP_TESTS: a -k expression);
 # gpu1tests: the one-GPU engine and memory tests; bench8b: Qwen3-8B TP=1 vs TP=2, single request; profile8b:
 # rank 0's kernels per decode step of Qwen3-8B at TP=2 (PROFILE_TPS, default 2), at 1 and 256 sequences
@@ -38,12 +38,12 @@ if [[ $parts == *" smoke "* ]]; then
   ((smoke_ok == 0)) || grep -v "^INFO\|nanovllm.engine.model_runner" "$OUT/tp_smoke.txt" | tail -60
 fi
 if [[ $parts == *" probe "* ]]; then
-  limited 90 "$OUT/probe_all_reduce.txt" python3 scripts/probe_all_reduce.py
+  limited 90 "$OUT/probe_all_reduce.txt" python3 scripts/probe_all_reduce.py ${PROBE_GRIDS:+--grids $PROBE_GRIDS}
   probe_rc=$?
   # A failing peer all-reduce would take every later part down with it: they run on NCCL alone then.
   ((probe_rc == 0)) || export NANOVLLM_PEER_ALL_REDUCE=0
   note "all-reduce probe (rc $probe_rc; peer all-reduce ${NANOVLLM_PEER_ALL_REDUCE:-on})"
-  grep -v "INFO\|WARN" "$OUT/probe_all_reduce.txt" | tail -14
+  grep -v "INFO\|WARN" "$OUT/probe_all_reduce.txt" | tail -24
 fi
 if [[ $parts == *" tests "* ]] && ((smoke_ok == 0)); then
   limited 220 "$OUT/tp_tests.txt" python3 -m pytest -q -s -x -m cuda tests/test_tensor_parallel_cuda.py \

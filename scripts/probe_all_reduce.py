@@ -2,9 +2,12 @@
 sizes tensor-parallel Qwen3 sends: one row of hidden states per sequence (bf16; nan: too large for the
 peer all-reduce, which leaves it to NCCL). Each is timed as a CUDA
 graph of 20 all-reduces back to back, as decode runs them; rank 0 prints microseconds per all-reduce.
+--grids also times the peer all-reduce of 256 rows of 4096 with other caps on its programs, and the
+last line is NCCL's bus bandwidth for 64 MiB (a reading of the link between the GPUs).
 
-    PYTHONPATH=. python3 scripts/probe_all_reduce.py
+    PYTHONPATH=. python3 scripts/probe_all_reduce.py [--grids 64 132 512]
 """
+import argparse
 import socket
 
 import torch
@@ -12,13 +15,14 @@ import torch.distributed as dist
 
 from nanovllm.utils.distributed import create_group, open_store
 
-ROWS = [1, 2, 16, 64, 256, 512]
+ROWS = [1, 2, 16, 64, 128, 256, 512]
 HIDDEN = [1024, 4096]  # Qwen3-0.6B, Qwen3-8B
 REPEATS = 20
 
 
-def time_graph(fn) -> float:
-    """Microseconds per call of fn, from a graph of REPEATS calls (median of 20 replays)."""
+def time_graph(fn, slowest: bool = False) -> float | tuple[float, float]:
+    """Microseconds per call of fn, from a graph of REPEATS calls: the median of 20 replays (and the
+    slowest replay's, if asked)."""
     fn()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -32,24 +36,37 @@ def time_graph(fn) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / REPEATS)
-    return sorted(times[5:])[len(times[5:]) // 2]
+    times = sorted(times[5:])
+    return (times[len(times) // 2], times[-1]) if slowest else times[len(times) // 2]
 
 
-def rank_main(rank: int, port: int) -> None:
+def rank_main(rank: int, port: int, grids: list[int]) -> None:
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     group = create_group(open_store(rank, 2, port), rank, 2, device)
     if rank == 0:
         print(f"{torch.cuda.get_device_name(device)} x 2; peer all-reduce: {group.peer is not None}")
-        print(f"{'rows x hidden':>14} {'bytes':>9} {'NCCL us':>8} {'peer us':>8}")
+        print(f"{'rows x hidden':>14} {'bytes':>9} {'NCCL us':>8} {'peer us':>8} {'slowest':>8}")
     for hidden in HIDDEN:
         for rows in ROWS:
             x = torch.zeros(rows, hidden, dtype=torch.bfloat16, device=device)  # stays finite when summed in place
             nccl = time_graph(lambda: dist.all_reduce(x, group=group.group))
             fits = group.peer is not None and group.peer.fits(x)
-            peer = time_graph(lambda: group.peer.all_reduce(x)) if fits else float("nan")  # NCCL's
+            peer, slowest = time_graph(lambda: group.peer.all_reduce(x), slowest=True) if fits else (float("nan"),) * 2
             if rank == 0:
-                print(f"{rows:>5} x {hidden:<6} {x.numel() * 2:>9} {nccl:>8.1f} {peer:>8.1f}")
+                print(f"{rows:>5} x {hidden:<6} {x.numel() * 2:>9} {nccl:>8.1f} {peer:>8.1f} {slowest:>8.1f}")
+    if group.peer is not None:
+        import nanovllm.utils.peer_all_reduce as peer_module
+        x = torch.zeros(256, 4096, dtype=torch.bfloat16, device=device)
+        for grid in grids:
+            peer_module.MAX_GRID = grid
+            peer = time_graph(lambda: group.peer.all_reduce(x))
+            if rank == 0:
+                print(f"peer all-reduce of 256 x 4096 with at most {grid} programs: {peer:.1f} us")
+    big = torch.zeros(32 * 2**20, dtype=torch.bfloat16, device=device)
+    seconds = time_graph(lambda: dist.all_reduce(big, group=group.group)) / 1e6
+    if rank == 0:  # bus bandwidth as nccl-tests defines it, 2 (n - 1) / n x bytes / time: at n = 2, bytes / time
+        print(f"NCCL all-reduce of 64 MiB: {seconds * 1e6:.0f} us, bus bandwidth {big.numel() * 2 / seconds / 1e9:.0f} GB/s")
     group.shutdown(device)
 
 
@@ -57,4 +74,6 @@ if __name__ == "__main__":
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         free_port = s.getsockname()[1]
-    torch.multiprocessing.spawn(rank_main, args=(free_port,), nprocs=2, join=True)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grids", type=int, nargs="*", default=[])
+    torch.multiprocessing.spawn(rank_main, args=(free_port, parser.parse_args().grids), nprocs=2, join=True)

@@ -74,7 +74,7 @@ def test_killed_worker_raises_within_seconds(model_dir, prompts, monkeypatch):
 
 def _peer_all_reduce_rank(rank: int, port: int) -> None:
     """One rank of test_peer_all_reduce_matches_nccl (a spawned process; an assertion fails the test)."""
-    from nanovllm.utils.peer_all_reduce import MAX_ELEMENTS  # imports Triton
+    from nanovllm.utils.peer_all_reduce import max_words  # imports Triton
 
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
@@ -95,29 +95,36 @@ def _peer_all_reduce_rank(rank: int, port: int) -> None:
         torch.distributed.all_gather(other, y, group=group.group)
         assert torch.equal(other[0], other[1]), "the ranks' sums differ"
 
-    # Eager, every size class: one element, partial and whole chunks, the largest message it takes.
-    for seed, (dtype, numel) in enumerate([(d, n) for d in (torch.bfloat16, torch.float32)
-                                           for n in (1, 1000, 1024, 4096, 4097, MAX_ELEMENTS)]):
+    # Eager, every size class: one word, partial and whole chunks of 1024 words, the largest message it
+    # takes (more chunks than programs, so each program loops).
+    words = max_words(2)
+    bf16 = dict(dtype=torch.bfloat16, device=device)
+    assert not group.peer.fits(torch.zeros(2 * words + 2, **bf16)), "larger than the buffers: NCCL's"
+    assert not group.peer.fits(torch.zeros(4097, **bf16)), "an odd number of 16-bit elements: NCCL's"
+    for seed, (dtype, numel) in enumerate([(torch.bfloat16, n) for n in (2, 1000, 2048, 2050, 8192, 2 * words)]
+                                          + [(torch.float32, n) for n in (1, 1000, 1024, 4097, words)]):
         x = both_ranks(numel, dtype, seed)
-        assert group.peer.fits(x) and not group.peer.fits(both_ranks(MAX_ELEMENTS + 1, dtype, seed))
+        assert group.peer.fits(x)
         expected = nccl_sum(x)
         got = group.peer.all_reduce(x.clone())
         torch.testing.assert_close(got, expected)  # a stale slot or a missing addend is off by O(1)
         same_on_both_ranks(got)
 
-    # In a CUDA graph, replayed many times on new inputs, as decoding does.
-    static = torch.empty(8 * 4096, dtype=torch.bfloat16, device=device)
+    # In a CUDA graph, replayed many times on new inputs, as decoding does: one row of Qwen3-8B's hidden
+    # states, 8 rows, 256 rows (2 MB).
+    static = torch.empty(256 * 4096, dtype=torch.bfloat16, device=device)
     warm = static.clone()
     group.peer.all_reduce(warm)  # compile outside the capture
+    sizes = [4096, 8 * 4096, 256 * 4096]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outputs = [group.peer.all_reduce(static[:4096 * (i + 1)].clone()) for i in range(4)]
+        outputs = [group.peer.all_reduce(static[:size].clone()) for size in sizes]
     for replay in range(50):
         static.copy_(both_ranks(static.numel(), torch.bfloat16, 100 + replay))
         expected = nccl_sum(static)
         graph.replay()
-        for i, out in enumerate(outputs):
-            torch.testing.assert_close(out, expected[:4096 * (i + 1)])
+        for size, out in zip(sizes, outputs):
+            torch.testing.assert_close(out, expected[:size])
 
     # A rank that never arrives: abort() releases the waiting rank within moments.
     torch.cuda.synchronize(device)

@@ -1,30 +1,36 @@
-"""A one-shot all-reduce over peer GPU memory, for the small all-reduces of tensor-parallel decoding.
+"""A one-shot all-reduce over peer GPU memory, for the all-reduces of tensor-parallel decoding.
 
-A decode step of Qwen3-8B at TP=2 runs 73 all-reduces of one row per sequence (8 KB at batch 1).
-NCCL's latency for such messages, about 20 us each, was most of the gap between TP=2 and half of
-TP=1's step (BENCHMARKS.md). Here every rank owns a buffer that every other rank has mapped (CUDA IPC;
-NVLink between the GPUs), and one Triton kernel does the whole all-reduce:
+A decode step of Qwen3-8B at TP=2 runs 73 all-reduces of one row per sequence: 8 KB at batch 1, 2 MB
+at batch 256. NCCL takes about 9 us for the smallest and 30 us for 2 MB (BENCHMARKS.md), a quarter of a
+TP=2 step at batch 256. Here every rank owns a receive buffer that every other rank has mapped (CUDA
+IPC; NVLink between the GPUs), and one Triton kernel does the whole all-reduce:
 
-  1. each program copies its 1024-element chunk of x into its own rank's buffer,
-  2. raises its flag for that chunk in every rank's buffer (a release store at system scope),
-  3. waits until every rank's flag for the chunk is up (acquire), then
-  4. sums the chunk from every rank's buffer, in rank order, so every rank gets the same bits.
+  1. each program pushes its chunks of x into every peer's receive buffer, then
+  2. waits for every peer's chunks to arrive in its own buffer and sums them with its own, in rank
+     order, so every rank gets the same bits.
 
-Flags carry an epoch per chunk (program) that each rank's kernel counts on its own device, so the
-kernel can be captured in a CUDA graph and replayed. Buffers alternate between two slots by epoch:
-a rank may write epoch e + 1 while a slower peer still reads epoch e, but it cannot write e + 2 before
-that peer has read e (it waits for the peer's e + 1 flag first).
+No flag tells a reader that a chunk has arrived, and so no memory fence orders data before a flag
+(system-scope fences serialize across the GPU; the kernel this one replaced degraded from 5 us at 16
+programs to 955 us at 2 MB because of them). Instead, as in NCCL's low-latency protocol, every 8-byte
+word a rank pushes carries 4 bytes of data (two 16-bit elements or one float32) and, in its upper half,
+the epoch of the push. An 8-byte store is seen whole or not at all, so a reader that sees the current
+epoch in a word also sees that word's data. This doubles the bytes on the link, which is still far
+cheaper than NCCL's protocol at these sizes.
+
+Epochs count the all-reduces of each chunk on each rank's own device, so the kernel can be captured in
+a CUDA graph and replayed. Receive buffers alternate between two slots by epoch: a rank may push epoch
+e + 1 while a slower peer still reads epoch e, but not e + 2 before that peer has read e (it waits for
+the peer's e + 1 first). Every program pushes all its chunks before it waits for any, so no program
+waits for one that is itself waiting.
 
 A waiting kernel cannot be cancelled like a NCCL collective, so it also watches a flag in pinned host
 memory: `abort()` (a worker died) releases every waiting kernel at once, and the engine raises. A wait
 longer than COLLECTIVE_TIMEOUT (a rank that hangs without dying) traps, which ends the process's CUDA
 context with an error, as NCCL's watchdog ends a process whose collective timed out.
 
-Only messages of at most MAX_PROGRAMS chunks (16K elements: a decode batch of up to 4 rows of Qwen3-8B,
-16 of Qwen3-0.6B) take this path; larger ones go through NCCL. Measured on 2 x H200
-(scripts/probe_all_reduce.py, BENCHMARKS.md): 5.4 us against NCCL's 8.9 us for one row, 6.2 against 9.8
-at 16 chunks, but 205 us at 64 chunks and 2.4 ms at 2,048 (NCCL: 10 and 30 us). Why it degrades with
-the grid is not established (each program's system-scope release and acquire are the suspects).
+Messages up to MAX_WORDS 4-byte words per rank take this path (BUFFER_BYTES of receive buffer per rank
+whatever the world size, so larger worlds take smaller messages: one-shot pushes world - 1 copies);
+larger ones, and 16-bit messages of an odd number of elements, go through NCCL.
 """
 import logging
 import os
@@ -39,15 +45,16 @@ from nanovllm.utils.pdl import pdl_enabled, release_next, wait_for_previous
 
 logger = logging.getLogger(__name__)
 
-BLOCK = 1024  # elements per program (chunk)
-MAX_PROGRAMS = 16
-MAX_ELEMENTS = BLOCK * MAX_PROGRAMS
-SLOT_BYTES = MAX_ELEMENTS * 4  # one epoch's data of one rank, float32 at most; two slots per rank
+BLOCK = 1024  # 4-byte words per chunk
+MAX_GRID = 256  # programs; each loops over its chunks
+BUFFER_BYTES = 16 * 2**20  # receive slots of one rank: 2 epochs x (world - 1) peers x MAX_WORDS x 8 bytes
 MAX_WORLD = 8
-# Control words after the two slots: [aborted, epochs[MAX_PROGRAMS], flags[MAX_WORLD][MAX_PROGRAMS]] (int32).
-_EPOCHS, _FLAGS = 1, 1 + MAX_PROGRAMS
-_CONTROL_WORDS = _FLAGS + MAX_WORLD * MAX_PROGRAMS
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # how a word holds its elements
+
+
+def max_words(world_size: int) -> int:
+    """The largest message, in 4-byte words, that the peer all-reduce takes at this world size."""
+    return BUFFER_BYTES // (2 * (world_size - 1) * 8) // BLOCK * BLOCK
 
 
 @triton.jit
@@ -55,54 +62,94 @@ def _trap():
     tl.inline_asm_elementwise("trap; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
-@triton.jit(do_not_specialize=["numel", "rank"])
-def _peer_all_reduce_kernel(x_ptr, out_ptr, numel, addresses_ptr, rank, timeout_ns,
-                            WORLD: tl.constexpr, BLOCK: tl.constexpr, SLOT_BYTES: tl.constexpr,
-                            MAX_PROGRAMS: tl.constexpr, EPOCHS: tl.constexpr, FLAGS: tl.constexpr,
-                            PDL: tl.constexpr):
-    """addresses_ptr: int64 [WORLD + 1]: every rank's buffer as mapped here, then the host abort word."""
-    program = tl.program_id(0)
+@triton.jit
+def _add_words(lo, hi, words, KIND: tl.constexpr):
+    """Add the elements that int32 words hold to float32 sums: lo (the low halves, or whole float32
+    words) and hi (the high halves)."""
+    if KIND == 0:
+        lo += words.to(tl.float32, bitcast=True)
+    elif KIND == 1:  # a bfloat16 is the upper half of the float32 with the same value
+        lo += (words << 16).to(tl.float32, bitcast=True)
+        hi += (words & -65536).to(tl.float32, bitcast=True)
+    else:
+        lo += (words & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi += (words >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _to_words(lo, hi, KIND: tl.constexpr):
+    """The int32 words that hold the float32 sums lo and hi rounded to the message's dtype."""
+    if KIND == 0:
+        return lo.to(tl.int32, bitcast=True)
+    dtype: tl.constexpr = tl.bfloat16 if KIND == 1 else tl.float16
+    low = lo.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 65535
+    high = hi.to(dtype).to(tl.int16, bitcast=True).to(tl.int32)
+    return low | (high << 16)
+
+
+@triton.jit
+def _slot(address, writer, reader, epoch, SLOT_BYTES: tl.constexpr):
+    """Where writer's words of this epoch land in reader's receive buffer (at `address`, as mapped here):
+    one slot per other rank and epoch parity."""
+    index = tl.where(writer < reader, writer, writer - 1) * 2 + (epoch & 1)
+    return (address + index.to(tl.int64) * SLOT_BYTES).to(tl.pointer_type(tl.int64))
+
+
+@triton.jit(do_not_specialize=["num_words", "rank"])
+def _peer_all_reduce_kernel(x_ptr, out_ptr, num_words, addresses_ptr, rank, timeout_ns,
+                            WORLD: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr,
+                            SLOT_BYTES: tl.constexpr, CONTROL_BYTES: tl.constexpr, PDL: tl.constexpr):
+    """x_ptr, out_ptr: int32 [num_words], the message's bytes. addresses_ptr: int64 [WORLD + 1]: every
+    rank's receive buffer as mapped here, then the host abort word. The control words after the slots
+    are [aborted, epoch of each chunk...]."""
     release_next(PDL)
     wait_for_previous(PDL)
-    dtype = x_ptr.dtype.element_ty
-    offsets = program * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < numel
-    x = tl.load(x_ptr + offsets, mask=mask)
     own = tl.load(addresses_ptr + rank)
-    control = (own + 2 * SLOT_BYTES).to(tl.pointer_type(tl.int32))
-    epoch = tl.load(control + EPOCHS + program) + 1  # int32, wrapping: compared only for equality
-    slot_offset = (epoch & 1).to(tl.int64) * SLOT_BYTES
-    tl.store((own + slot_offset).to(tl.pointer_type(dtype)) + offsets, x, mask=mask)
-    tl.debug_barrier()  # the whole chunk is written before any thread announces it
-    for peer in tl.static_range(WORLD):
-        peer_control = (tl.load(addresses_ptr + peer) + 2 * SLOT_BYTES).to(tl.pointer_type(tl.int32))
-        tl.atomic_xchg(peer_control + FLAGS + rank * MAX_PROGRAMS + program, epoch, sem="release", scope="sys")
+    control = (own + CONTROL_BYTES).to(tl.pointer_type(tl.int32))
+    num_chunks = tl.cdiv(num_words, BLOCK)
+    offsets = tl.arange(0, BLOCK)
+
+    for chunk in range(tl.program_id(0), num_chunks, tl.num_programs(0)):
+        words = chunk * BLOCK + offsets
+        mask = words < num_words
+        epoch = tl.load(control + 1 + chunk) + 1  # int32, wrapping: compared only for equality
+        packed = (epoch.to(tl.int64) << 32) | (tl.load(x_ptr + words, mask=mask).to(tl.int64) & 0xFFFFFFFF)
+        for peer in tl.static_range(WORLD):
+            if peer != rank:
+                tl.store(_slot(tl.load(addresses_ptr + peer), rank, peer, epoch, SLOT_BYTES) + words, packed,
+                         mask=mask)
 
     host_abort = tl.load(addresses_ptr + WORLD).to(tl.pointer_type(tl.int32))
     aborted = tl.load(control, volatile=True) != 0  # an earlier all-reduce was released by abort()
     deadline = tl.extra.cuda.globaltimer() + timeout_ns
-    for peer in tl.static_range(WORLD):
-        # A peer's flag is epoch - 1 until it raises it (it may already be at epoch + 1).
-        flag = control + FLAGS + peer * MAX_PROGRAMS + program
-        waiting = (tl.atomic_add(flag, 0, sem="acquire", scope="sys") == epoch - 1) & ~aborted
-        spins = 0
-        while waiting:
-            spins += 1
-            if spins % 256 == 0:
-                aborted = aborted | (tl.load(host_abort, volatile=True) != 0)
-                if tl.extra.cuda.globaltimer() > deadline:
-                    _trap()
-            waiting = (tl.atomic_add(flag, 0, sem="acquire", scope="sys") == epoch - 1) & ~aborted
+    for chunk in range(tl.program_id(0), num_chunks, tl.num_programs(0)):
+        words = chunk * BLOCK + offsets
+        mask = words < num_words
+        epoch = tl.load(control + 1 + chunk) + 1
+        expected = epoch.to(tl.int64) << 32
+        lo = tl.zeros([BLOCK], tl.float32)
+        hi = tl.zeros([BLOCK], tl.float32)
+        for peer in tl.static_range(WORLD):
+            if peer == rank:
+                received = tl.load(x_ptr + words, mask=mask)
+            else:
+                slot = _slot(own, peer, rank, epoch, SLOT_BYTES) + words
+                packed = tl.load(slot, mask=mask, other=expected, volatile=True)
+                spins = 0
+                while (tl.max((packed >> 32).to(tl.int32) != epoch, axis=0) != 0) & ~aborted:
+                    spins += 1
+                    if spins % 256 == 0:
+                        aborted = aborted | (tl.load(host_abort, volatile=True) != 0)
+                        if tl.extra.cuda.globaltimer() > deadline:
+                            _trap()
+                    packed = tl.load(slot, mask=mask, other=expected, volatile=True)
+                received = packed.to(tl.int32)  # the low half: the data
+            lo, hi = _add_words(lo, hi, received, KIND)
+        tl.store(out_ptr + words, _to_words(lo, hi, KIND), mask=mask)
+        tl.store(control + 1 + chunk, epoch)
     if aborted:
         tl.store(control, 1)
-    tl.debug_barrier()  # every thread reads after the flags were seen
-
-    total = tl.zeros([BLOCK], tl.float32)
-    for peer in tl.static_range(WORLD):
-        slot = (tl.load(addresses_ptr + peer) + slot_offset).to(tl.pointer_type(dtype))
-        total += tl.load(slot + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-    tl.store(out_ptr + offsets, total.to(dtype), mask=mask)
-    tl.store(control + EPOCHS + program, epoch)
 
 
 def peer_all_reduce_wanted(device: torch.device, world_size: int) -> bool:
@@ -126,10 +173,14 @@ class PeerAllReduce:
         self.timeout_ns = int(timeout_s * 1e9)
         self._opened: list[int] = []
         self._host_abort = torch.zeros(1, dtype=torch.int32, pin_memory=True)  # read by the GPU (UVA)
-        self._own = cuda_ipc.allocate(2 * SLOT_BYTES + 4 * _CONTROL_WORDS)
+        self.max_words = max_words(world_size)
+        self._slot_bytes = self.max_words * 8
+        self._control_bytes = 2 * (world_size - 1) * self._slot_bytes
+        control_words = 1 + self.max_words // BLOCK  # [aborted, epoch of each chunk...]
+        self._own = cuda_ipc.allocate(self._control_bytes + 4 * control_words)
         try:
-            control = cuda_ipc.as_int32_tensor(self._own + 2 * SLOT_BYTES, _CONTROL_WORDS, device)
-            control.zero_()  # epochs and flags start at 0 on every rank before any handle is published
+            # Epochs start at 0 and slots hold epoch 0 on every rank before any handle is published.
+            cuda_ipc.as_int32_tensor(self._own, self._control_bytes // 4 + control_words, device).zero_()
             torch.cuda.synchronize(device)
             store.set(f"peer_all_reduce/{rank}", cuda_ipc.export_handle(self._own))
             addresses = []
@@ -146,15 +197,19 @@ class PeerAllReduce:
             raise
 
     def fits(self, x: torch.Tensor) -> bool:
-        return x.dtype in _DTYPES and x.is_contiguous() and 0 < x.numel() <= MAX_ELEMENTS and x.device == self.device
+        nbytes = x.numel() * x.element_size()
+        return (x.dtype in _KINDS and x.is_contiguous() and x.device == self.device
+                and 0 < nbytes <= 4 * self.max_words and nbytes % 4 == 0)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """In place, as dist.all_reduce: x becomes the sum of every rank's x. x must fit (see fits)."""
         pdl = pdl_enabled(x.device)
-        _peer_all_reduce_kernel[(triton.cdiv(x.numel(), BLOCK),)](
-            x, x, x.numel(), self._addresses, self.rank, self.timeout_ns, WORLD=self.world_size, BLOCK=BLOCK,
-            SLOT_BYTES=SLOT_BYTES, MAX_PROGRAMS=MAX_PROGRAMS, EPOCHS=_EPOCHS, FLAGS=_FLAGS, PDL=pdl,
-            num_warps=4, launch_pdl=pdl,
+        words = x.view(torch.int32)
+        grid = min(triton.cdiv(words.numel(), BLOCK), MAX_GRID)
+        _peer_all_reduce_kernel[(grid,)](
+            words, words, words.numel(), self._addresses, self.rank, self.timeout_ns, WORLD=self.world_size,
+            KIND=_KINDS[x.dtype], BLOCK=BLOCK, SLOT_BYTES=self._slot_bytes, CONTROL_BYTES=self._control_bytes,
+            PDL=pdl, num_warps=4, launch_pdl=pdl,
         )
         return x
 

@@ -11,7 +11,7 @@ import argparse
 import logging
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from random import randint, seed
 
 import torch
@@ -81,6 +81,32 @@ def floor_seconds(prompt_lens, output_lens, weight_bytes, kv_bytes_per_token, ba
     return total / bandwidth
 
 
+@dataclass
+class Run:
+    tokens: int  # output tokens
+    seconds: float
+    startup: float
+    weight_bytes: int | None = None  # nano-vllm only: what the floor needs
+    kv_bytes_per_token: int | None = None
+    step_seconds: dict[str, float] | None = None  # nano-vllm only: prefill and decode
+
+
+def time_steps(llm) -> dict[str, float]:
+    """Seconds the engine spends in prefill and in decode steps, added up as it runs them. (A decode
+    step's time includes queueing its successor, which runs while the step's tokens are read.)"""
+    seconds = {"prefill": 0.0, "decode": 0.0}
+    step = llm.step
+
+    def timed_step():
+        start = time.perf_counter()
+        result = step()
+        seconds["prefill" if result[2] else "decode"] += time.perf_counter() - start
+        return result
+
+    llm.step = timed_step
+    return seconds
+
+
 def run_nano(path, args, prompts, output_lens):
     from nanovllm import LLM, SamplingParams
     started = time.perf_counter()
@@ -94,6 +120,7 @@ def run_nano(path, args, prompts, output_lens):
     # shapes, allocator growth) stay out of the timed run.
     llm.generate(prompts[:8], [replace(p, max_tokens=4) for p in params[:8]], use_tqdm=False)
     startup = time.perf_counter() - started
+    step_seconds = time_steps(llm)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
@@ -103,7 +130,8 @@ def run_nano(path, args, prompts, output_lens):
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     kv_bytes_per_token = runner.kv_cache[:, :, 0, 0].numel() * runner.kv_cache.element_size()
     llm.exit()  # frees every rank's GPU before the bandwidth probe
-    return sum(len(o["token_ids"]) for o in outputs), seconds, startup, weight_bytes, kv_bytes_per_token
+    return Run(sum(len(o["token_ids"]) for o in outputs), seconds, startup, weight_bytes, kv_bytes_per_token,
+               step_seconds)
 
 
 def run_hf(path, args, prompts, output_lens):
@@ -123,7 +151,7 @@ def run_hf(path, args, prompts, output_lens):
     start = time.perf_counter()
     outputs = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
     seconds = time.perf_counter() - start
-    return sum(len(o.generated_tokens) for o in outputs.values()), seconds, startup, None, None
+    return Run(sum(len(o.generated_tokens) for o in outputs.values()), seconds, startup)
 
 
 def main(argv=None):
@@ -138,16 +166,20 @@ def main(argv=None):
         from transformers import AutoConfig
         prompts, output_lens = workload(args, AutoConfig.from_pretrained(path).vocab_size)
         run = run_nano if args.backend == "nano" else run_hf
-        tokens, seconds, startup, weight_bytes, kv_bytes_per_token = run(path, args, prompts, output_lens)
+        result = run(path, args, prompts, output_lens)
+    tokens, seconds = result.tokens, result.seconds
     rows = [("backend", args.backend), ("requests", len(prompts)), ("output tokens", tokens),
             ("seconds", f"{seconds:.2f}"), ("output tok/s", f"{tokens / seconds:.0f}"),
             ("prompt+output tok/s", f"{(tokens + sum(map(len, prompts))) / seconds:.0f}"),
-            ("tensor parallel size", args.tensor_parallel_size), ("start-up seconds", f"{startup:.1f}")]
+            ("tensor parallel size", args.tensor_parallel_size), ("start-up seconds", f"{result.startup:.1f}")]
+    if result.step_seconds is not None:
+        rows += [(f"{kind} seconds", f"{value:.2f}") for kind, value in result.step_seconds.items()]
     if len(prompts) == 1:  # single-request latency, e.g. --num-seqs 1 --input-len 128 --output-len 512
         rows.append(("ms per output token", f"{seconds * 1e3 / tokens:.2f}"))
-    if torch.cuda.is_available() and weight_bytes is not None:
+    if torch.cuda.is_available() and result.weight_bytes is not None:
         bandwidth = copy_bandwidth()
-        floor = floor_seconds(list(map(len, prompts)), output_lens, weight_bytes, kv_bytes_per_token, bandwidth)
+        floor = floor_seconds(list(map(len, prompts)), output_lens, result.weight_bytes, result.kv_bytes_per_token,
+                              bandwidth)
         rows += [("device", torch.cuda.get_device_name()), ("copy bandwidth TB/s", f"{bandwidth / 1e12:.2f}"),
                  ("floor seconds", f"{floor:.2f}"), ("fraction of floor", f"{floor / seconds:.1%}")]
     for name, value in rows:

@@ -1,4 +1,4 @@
-"""Time the Triton attention kernels at Qwen3-0.6B attention shapes (H=16, Hkv=8, D=128, bf16).
+"""Time the Triton attention kernels at Qwen3-0.6B attention shapes (H=16, Hkv=8, D=128, bf16), or others.
 
 Decode is bound by reading the KV cache, so it is reported as KV bytes read per second against a
 device-to-device copy measured in the same run. It is timed as CUDA-graph replays, as the engine runs
@@ -9,7 +9,11 @@ kernel, ~12 us) over many calls. Prefill is reported in tokens/s and TFLOP/s aga
 large bf16 matrix product. Block tables are random permutations, as a long-running cache ends up.
 
     PYTHONPATH=. python3 scripts/probe_attention.py
+    PYTHONPATH=. python3 scripts/probe_attention.py --heads 16 --kv-heads 4 --cases 64x512 128x512 --decode-only
+        (Qwen3-8B's heads on each of two tensor-parallel ranks: only the decode split sweep, at these cases)
 """
+import argparse
+
 import torch
 import triton
 from triton.testing import do_bench
@@ -20,6 +24,8 @@ from nanovllm.attention.triton_kernels.decode import decode_tile_tokens
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 16, 8, 128, torch.bfloat16
 DECODE_CASES = [(256, 850), (8, 4000), (1, 4000), (1, 640)]  # (sequences, context tokens); (1, 640): one request
 BLOCK_SIZES = [256, 16]
+SWEEP_CASES = DECODE_CASES[1:]  # the split sweep's
+DECODE_ONLY = False
 PREFILL_SEQS, PREFILL_LEN = 64, 1024
 
 
@@ -91,8 +97,9 @@ def main():
           f"bf16 matmul {mm_flops / 1e12:.0f} TFLOP/s")
 
     tile = decode_tile_tokens(HEAD_DIM, DTYPE.itemsize)
-    print("\ndecode split sweep (fraction of copy bandwidth; * = chosen):")
-    for num_seqs, context_len in DECODE_CASES[1:]:
+    print(f"\ndecode split sweep, {NUM_HEADS} heads, {NUM_KV_HEADS} KV heads (fraction of copy bandwidth; "
+          f"* = chosen):")
+    for num_seqs, context_len in SWEEP_CASES:
         for block_size in BLOCK_SIZES:
             chosen = choose_num_splits(num_seqs, NUM_KV_HEADS, triton.cdiv(context_len, block_size), block_size,
                                        tile, device.multi_processor_count)
@@ -104,6 +111,8 @@ def main():
                              f"{ms * 1e3:.1f}us")
             print(f"  {num_seqs:>3} x {context_len} tokens, block {block_size:>3}: " + "  ".join(cells))
 
+    if DECODE_ONLY:
+        return
     rows = []
     for num_seqs, context_len in DECODE_CASES:
         for block_size in BLOCK_SIZES:
@@ -119,4 +128,13 @@ def main():
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--heads", type=int, default=NUM_HEADS)
+    parser.add_argument("--kv-heads", type=int, default=NUM_KV_HEADS)
+    parser.add_argument("--cases", nargs="*", help="split sweep cases, SEQSxCONTEXT (default: the built-in ones)")
+    parser.add_argument("--block-sizes", type=int, nargs="*", default=BLOCK_SIZES)
+    parser.add_argument("--decode-only", action="store_true", help="only the split sweep")
+    args = parser.parse_args()
+    NUM_HEADS, NUM_KV_HEADS, BLOCK_SIZES, DECODE_ONLY = args.heads, args.kv_heads, args.block_sizes, args.decode_only
+    SWEEP_CASES = ([tuple(map(int, case.split("x"))) for case in args.cases] if args.cases else DECODE_CASES[1:])
     main()

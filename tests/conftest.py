@@ -57,11 +57,11 @@ def generate_while_killing_worker(llm, monkeypatch, generate, worker_pid: int, k
     Returns (the RuntimeErrors raised, seconds until generate returned)."""
     real_run, calls, outcome = llm.model_runner.run, [], []
 
-    def run_and_kill_worker(seqs, is_prefill):
+    def run_and_kill_worker(*args):
         calls.append(1)
         if len(calls) == kill_at_call:
             os.kill(worker_pid, signal.SIGKILL)
-        return real_run(seqs, is_prefill)
+        return real_run(*args)
 
     def target():
         try:

@@ -16,6 +16,7 @@ from nanovllm.engine import tp_channel
 from nanovllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from nanovllm.engine.tp_channel import CallChannel, WorkerGone
 from nanovllm.engine.tp_step import SequenceMirror, StepEncoder
+from nanovllm.sampling.shard_draw import ShardDraw, best_of_slices, draw_slice
 from nanovllm.testing.checkpoints import make_random_checkpoint
 from nanovllm.testing.tokenizer import train_tokenizer
 from nanovllm.utils.distributed import ParallelGroup
@@ -104,6 +105,39 @@ def test_steps_queued_ahead_match_one_rank(tiny_model, tp_llm, prompts_and_refer
     assert counts["queued"] > 0 and counts["wasted rows"] > 0
 
 
+def test_greedy_decode_steps_draw_on_each_ranks_slice(tp_llm, prompts_and_reference, monkeypatch):
+    """Greedy decode steps send rank 0 one (score, token) pair per row from each rank instead of the
+    logits, and give the reference tokens; prefill steps and temperature sampling on the CPU gather."""
+    prompts, reference = prompts_and_reference
+    real_plan, plans = tp_llm.model_runner.plan_draw, []
+
+    def recording_plan(seqs, is_prefill):
+        plans.append((is_prefill, real_plan(seqs, is_prefill)))
+        return plans[-1][1]
+
+    monkeypatch.setattr(tp_llm.model_runner, "plan_draw", recording_plan)
+    assert greedy_tokens(tp_llm, prompts) == reference
+    assert [plan for is_prefill, plan in plans if not is_prefill] == [ShardDraw()] * (MAX_NEW - 1)
+    assert all(plan is None for is_prefill, plan in plans if is_prefill)
+    plans.clear()
+    tp_llm.generate(prompts, SamplingParams(temperature=0.8, max_tokens=4), use_tqdm=False)
+    assert plans and all(plan is None for _, plan in plans)
+
+
+def test_greedy_slices_give_the_first_maximum_of_the_whole_row():
+    """Three ranks' slices of a 10-token vocabulary padded to 12: ties within and across slices go to
+    the first token, and padding columns never win."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 10)
+    logits[1, [3, 4]] = 9.0   # across the first two slices
+    logits[2, [5, 6]] = 9.0   # within one slice
+    logits[3, 9] = 9.0        # the last real token
+    padded = torch.cat([logits, torch.full((4, 2), 100.0)], 1)
+    pairs = torch.stack([draw_slice(padded[:, start:start + 4], ShardDraw(), start, 10) for start in (0, 4, 8)], 1)
+    tokens = best_of_slices(pairs).tolist()
+    assert tokens == logits.argmax(-1).tolist() and tokens[1:] == [3, 5, 9]
+
+
 def test_prefix_cache_hits_give_same_tokens(tp_llm, prompts_and_reference):
     prompts, reference = prompts_and_reference
     greedy_tokens(tp_llm, prompts)
@@ -116,11 +150,11 @@ def test_ctrl_c_during_a_step_leaves_engine_usable(tp_llm, prompts_and_reference
     prompts, reference = prompts_and_reference
     real_run, calls = tp_llm.model_runner.run, []
 
-    def interrupted_run(seqs, is_prefill):
+    def interrupted_run(*args):
         calls.append(1)
         if len(calls) == 3:  # Ctrl-C while the workers are already computing this step
             os.kill(os.getpid(), signal.SIGINT)
-        return real_run(seqs, is_prefill)
+        return real_run(*args)
 
     monkeypatch.setattr(tp_llm.model_runner, "run", interrupted_run)
     with pytest.raises(KeyboardInterrupt):

@@ -124,6 +124,28 @@ def check_race(rows: int, dtype: torch.dtype, device: str):
     assert not torch.equal(race(logits, temperature), race(logits, temperature))  # a fresh seed each call
 
 
+def check_race_slices(dtype: torch.dtype, device: str):
+    """The race over slices of the vocabulary (tensor-parallel ranks), the best score kept, draws the very
+    token the race over the whole vocabulary draws with the same seed; greedy rows included."""
+    from nanovllm.sampling.race_kernel import BLOCK_V, race_slice
+    from nanovllm.sampling.shard_draw import best_of_slices
+
+    torch.manual_seed(1)
+    rows, vocab = 24, 2 * BLOCK_V + 10
+    logits = torch.randn(rows, vocab, device=device).to(dtype)
+    temperature = torch.full((rows,), 0.8, device=device)
+    temperature[::3] = 0.0
+    whole, _ = race_slice(logits, temperature, 1234, 0, vocab)
+    bounds = [0, 700, BLOCK_V + 3, vocab]  # slices of unequal widths, one that spans blocks
+    pairs = []
+    for start, end in zip(bounds, bounds[1:]):
+        tokens, scores = race_slice(logits[:, start:end], temperature, 1234, start, vocab)
+        assert ((tokens >= start) & (tokens < end)).all()
+        pairs.append(torch.stack([scores.double(), tokens.double()], 1))
+    assert torch.equal(best_of_slices(torch.stack(pairs, 1)), whole)
+    assert not torch.equal(race_slice(logits, temperature, 99, 0, vocab)[0], whole)  # the seed matters
+
+
 def check_split_decode(dtype: torch.dtype, device: str):
     """Decode attention split over the context, then merged: equal to a softmax over each sequence's gathered
     cache, with a graph-padding row (context 0) of zeros. Contexts span one to many tiles; blocks are permuted."""
@@ -167,6 +189,7 @@ def test_interpreted_kernels_match_torch():
               f"for case in {NORM_GEMV_CASES}: check_norm_gemv(*case, torch.float16, 'cpu')\n"
               f"for case in {QK_CASES}: check_qk_norm_rope_store(*case, torch.float16, 'cpu')\n"
               "check_race(48, torch.float16, 'cpu')\n"
+              "check_race_slices(torch.float16, 'cpu')\n"
               "check_split_decode(torch.float16, 'cpu')\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=600,
@@ -220,6 +243,13 @@ def test_compiled_qk_norm_rope_store_matches_eager(tokens, heads, kv_heads, head
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_compiled_race_draws_from_softmax(dtype):
     check_race(200_000, dtype, "cuda")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_race_over_slices_draws_the_whole_vocabularys_token(dtype):
+    check_race_slices(dtype, "cuda")
 
 
 @pytest.mark.cuda

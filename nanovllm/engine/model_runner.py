@@ -15,6 +15,7 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.ops import EAGER_OPS, building_with_ops, cuda_ops
 from nanovllm.sampling import Sampler, SamplerOutput
+from nanovllm.sampling.shard_draw import ShardDraw, compile_shard_draw, draw_on_shards, plan_shard_draw
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.context import set_context
 from nanovllm.utils.distributed import ParallelGroup, building_with
@@ -52,9 +53,12 @@ class ModelRunner:
             self.model = Qwen3ForCausalLM(hf)
             self.sampler = Sampler()
         load_model(self.model, config.model)
-        if self.device.type == "cuda" and group.rank == 0:  # rank 0 alone samples
-            head = self.model.lm_head  # logits: [B, vocab], a slice of the padded vocabulary's rows
+        head = self.model.lm_head
+        if self.device.type == "cuda" and group.world_size == 1:
+            # logits: [B, vocab], a slice of the padded vocabulary's rows
             self.sampler.compile_kernels(head.vocab_size, head.padded_vocab_size, config.torch_dtype, self.device)
+        elif self.device.type == "cuda":  # every rank draws over its slice of the vocabulary
+            compile_shard_draw(head, config.torch_dtype, self.device)
         logger.info("rank %d: model built and loaded in %.1f s", group.rank, time.perf_counter() - started)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         backend = create_backend(config.attention_backend)
@@ -144,7 +148,8 @@ class ModelRunner:
         return activation_peak
 
     @torch.inference_mode()
-    def _forward_logits(self, seqs: list[Sequence], is_prefill: bool, decode_input_ids: torch.Tensor | None = None):
+    def _forward_logits(self, seqs: list[Sequence], is_prefill: bool, decode_input_ids: torch.Tensor | None = None,
+                        gather: bool = True):
         graphed = not is_prefill and self.graphs is not None and self.graphs.fits(len(seqs))
         if is_prefill:
             inputs = self.inputs.prefill(seqs)
@@ -161,18 +166,29 @@ class ModelRunner:
                 hidden = self.model(inputs.input_ids, inputs.positions)
             if inputs.logits_indices is not None:
                 hidden = hidden[inputs.logits_indices]
-            return self.model.compute_logits(hidden), inputs.sampled
+            return self.model.compute_logits(hidden, gather), inputs.sampled
         finally:
             set_context(None)
 
-    def run_without_sampling(self, seqs: list[Sequence], is_prefill: bool) -> None:
-        """Ranks > 0: the step's forward pass, which its collectives need; rank 0 samples. A decode
+    def run_without_sampling(self, seqs: list[Sequence], is_prefill: bool, draw: ShardDraw | None = None) -> None:
+        """Ranks > 0: the step's forward pass, which its collectives need, and its draw over this rank's
+        slice of the vocabulary if rank 0 planned one; rank 0 samples. A decode
         step's input ids (what rank 0 sampled last, from its message) go to the device as such, so
         that a step of the same batch advances its inputs there, as rank 0's does. A step scheduled
         ahead has no ids in its message (placeholders): rank 0 broadcasts the ids it sampled."""
         known_ids = not is_prefill and not seqs[0].has_placeholder
         input_ids = to_device([seq.token_ids[-1] for seq in seqs], torch.int64, self.device) if known_ids else None
-        self._forward_logits(seqs, is_prefill, input_ids)
+        logits, _ = self._forward_logits(seqs, is_prefill, input_ids, gather=draw is None)
+        if draw is not None:
+            draw_on_shards(logits, draw, self.model.lm_head, self.group)
+
+    def plan_draw(self, seqs: list[Sequence], is_prefill: bool) -> ShardDraw | None:
+        """Rank 0, before a tensor-parallel step is sent: whether every rank draws the step's tokens
+        over its slice of the vocabulary (sampling/shard_draw.py), and how. Decode steps only."""
+        if self.group.world_size == 1 or is_prefill:
+            return None
+        settings = self.sampler.settings(seqs, self.config.eos_token_ids, self.model.lm_head.vocab_size, self.device)
+        return plan_shard_draw(settings, seqs, self.device)
 
     def _share_sampled_ids(self) -> None:
         """Every rank's decode_inputs.sampled becomes rank 0's: the ids of the last decode step, the
@@ -184,14 +200,18 @@ class ModelRunner:
         self.group.broadcast(self.decode_inputs.sampled, src=0)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> "StepOutput":
+    def run(self, seqs: list[Sequence], is_prefill: bool, draw: ShardDraw | None = None) -> "StepOutput":
         """Queue one model step on the device. Its tokens are read from the returned StepOutput, which
-        waits for them: the caller may queue the next step first (asynchronous scheduling)."""
-        logits, sampled = self._forward_logits(seqs, is_prefill)
-        sampling_seqs = [seq for seq, ok in zip(seqs, sampled) if ok]
-        if not sampling_seqs:
-            return StepOutput(sampled, None)
-        output = self.sampler(logits, sampling_seqs, self.config.eos_token_ids)
+        waits for them: the caller may queue the next step first (asynchronous scheduling).
+        draw: plan_draw's plan, sent to the other ranks with the step."""
+        logits, sampled = self._forward_logits(seqs, is_prefill, gather=draw is None)
+        if draw is not None:  # a decode step: every sequence samples
+            output = SamplerOutput(draw_on_shards(logits, draw, self.model.lm_head, self.group), None)
+        else:
+            sampling_seqs = [seq for seq, ok in zip(seqs, sampled) if ok]
+            if not sampling_seqs:
+                return StepOutput(sampled, None)
+            output = self.sampler(logits, sampling_seqs, self.config.eos_token_ids)
         if not is_prefill:  # the next decode step of the same batch takes its input ids from here
             self.decode_inputs.sampled = output.device_token_ids
         return StepOutput(sampled, output)

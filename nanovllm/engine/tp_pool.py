@@ -24,6 +24,7 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.tp_channel import CallChannel, WorkerGone
 from nanovllm.engine.tp_step import StepEncoder
 from nanovllm.engine.tp_worker import EXIT, cpu_threads_per_rank, end_group, rank_device, run_worker
+from nanovllm.sampling.shard_draw import ShardDraw
 from nanovllm.utils.distributed import ParallelGroup, create_group, open_store
 
 logger = logging.getLogger(__name__)
@@ -115,10 +116,11 @@ class WorkerPool:
             self.close(graceful=False)
             raise RuntimeError(self.failure)
 
-    def run_step(self, seqs: list[Sequence], is_prefill: bool, run_rank0: Callable):
-        """Send the step to the workers, then run rank 0's part: returns run_rank0()."""
+    def run_step(self, seqs: list[Sequence], is_prefill: bool, draw: ShardDraw | None, run_rank0: Callable):
+        """Send the step (and rank 0's plan for its draw) to the workers, then run rank 0's part:
+        returns run_rank0()."""
         with interrupts_deferred(), self.lockstep():
-            self.channel.send(self.encoder.encode(seqs, is_prefill))
+            self.channel.send(self.encoder.encode(seqs, is_prefill, draw))
             return run_rank0()
 
     def read_step(self, read: Callable):

@@ -10,6 +10,7 @@ the next message sends that position again, with the token it stood for.
 from dataclasses import dataclass
 
 from nanovllm.engine.sequence import PLACEHOLDER, Sequence
+from nanovllm.sampling.shard_draw import ShardDraw
 
 # (seq_id, num_tokens_kept, new_token_ids, num_blocks_kept, new_block_ids, num_computed_tokens,
 #  num_scheduled_tokens)
@@ -21,6 +22,7 @@ class StepCall:
     is_prefill: bool
     updates: list[SeqUpdate]  # [B], in batch order
     forget: list[int]         # seq ids finished since the last step
+    draw: ShardDraw | None = None  # every rank draws over its slice of the vocabulary (shard_draw.py)
 
 
 class _Sent:
@@ -39,7 +41,7 @@ class StepEncoder:
     def __init__(self):
         self.sent: dict[int, _Sent] = {}
 
-    def encode(self, seqs: list[Sequence], is_prefill: bool) -> StepCall:
+    def encode(self, seqs: list[Sequence], is_prefill: bool, draw: ShardDraw | None = None) -> StepCall:
         # Finished (or aborted) sequences are never scheduled again; at most max_num_seqs are tracked.
         forget = [seq_id for seq_id, sent in self.sent.items() if sent.seq.is_finished]
         for seq_id in forget:
@@ -58,7 +60,7 @@ class StepEncoder:
                             seq.num_scheduled_tokens))
             sent.num_tokens = len(seq.token_ids) - seq.has_placeholder
             sent.block_table, sent.num_blocks = table, len(table)
-        return StepCall(is_prefill, updates, forget)
+        return StepCall(is_prefill, updates, forget, draw)
 
 
 class SequenceMirror:

@@ -90,7 +90,7 @@ def run_worker(rank: int, config: Config, store_port: int, channel: ChannelEndpo
             if call == EXIT:
                 finished = True
                 break
-            runner.run_without_sampling(mirror.apply(call), call.is_prefill)
+            runner.run_without_sampling(mirror.apply(call), call.is_prefill, call.draw)
     except EOFError:
         logger.warning("tensor-parallel rank %d: rank 0 is gone; exiting", rank)
     finally:

@@ -34,8 +34,12 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+    def forward(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor | None:
         """hidden: [B, hidden] -> logits [B, vocab_size] on rank 0, which alone samples; None on the
-        other ranks (gathering to one rank moves half what an all-gather does at two ranks)."""
-        logits = self.tp.gather(F.linear(hidden, self.weight), dim=-1)
+        other ranks (gathering to one rank moves half what an all-gather does at two ranks).
+        gather=False: this rank's slice, [B, shard_size] (tokens vocab_start.., padding past vocab_size)."""
+        logits = F.linear(hidden, self.weight)
+        if not gather:
+            return logits
+        logits = self.tp.gather(logits, dim=-1)
         return None if logits is None else logits[:, :self.vocab_size]

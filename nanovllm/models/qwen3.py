@@ -110,6 +110,7 @@ class Qwen3ForCausalLM(nn.Module):
         """input_ids, positions: [N] -> hidden states [N, hidden]."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """hidden: [B, hidden] (one row per sampled sequence) -> [B, vocab] on rank 0 (None on the others)."""
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor | None:
+        """hidden: [B, hidden] (one row per sampled sequence) -> [B, vocab] on rank 0 (None on the others);
+        gather=False: every rank's [B, vocab / N] slice (ParallelLMHead)."""
+        return self.lm_head(hidden, gather)

@@ -92,12 +92,18 @@ class Sampler(nn.Module):
         self.last_batch = batch or SamplingBatch.build(seqs, eos_token_ids, vocab_size, device)
         return self.last_batch
 
+    def settings(self, seqs: list[Sequence], eos_token_ids: tuple[int, ...], vocab_size: int,
+                 device: torch.device) -> SamplingBatch:
+        """This step's sampling settings (forward takes them again for the same sequences at no cost)."""
+        batch = self._batch(seqs, eos_token_ids, vocab_size, device)
+        if not batch.penalized and self.penalty_state.entries:
+            self.penalty_state.release_finished()  # free finished sequences' slots even when none use penalties
+        return batch
+
     def forward(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> SamplerOutput:
         """logits: [B, V], row b for seqs[b]. The logits may be changed in place."""
         vocab_size = logits.shape[1]
-        batch = self._batch(seqs, eos_token_ids, vocab_size, logits.device)
-        if not batch.penalized and self.penalty_state.entries:
-            self.penalty_state.release_finished()  # free finished sequences' slots even when none use penalties
+        batch = self.settings(seqs, eos_token_ids, vocab_size, logits.device)
         if batch.only_temperature and batch.all_greedy:
             return SamplerOutput(logits.argmax(-1), None)  # in the logits' own dtype: the same maximum
         if logits.is_cuda and batch.only_temperature and len(seqs) >= RACE_KERNEL_MIN_ROWS:

@@ -25,10 +25,10 @@ FREQUENT = [93, 281, 260, 388, 81, 74, 269, 142, 304, 130, 311]
 if os.environ.get("FUZZ_WORKER_SLOW") == "1":
     _orig_rws = ModelRunner.run_without_sampling
 
-    def _slow_rws(self, seqs, is_prefill):
+    def _slow_rws(self, seqs, is_prefill, draw=None):
         self.decode_inputs.sampled = None
         self.decode_inputs.seq_ids = None
-        return _orig_rws(self, seqs, is_prefill)
+        return _orig_rws(self, seqs, is_prefill, draw)
 
     ModelRunner.run_without_sampling = _slow_rws
 

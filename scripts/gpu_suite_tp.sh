@@ -8,11 +8,13 @@
 # gpu1tests: the one-GPU engine and memory tests; bench8b: Qwen3-8B TP=1 vs TP=2, single request; profile8b:
 # rank 0's kernels per decode step of Qwen3-8B at TP=2 (PROFILE_TPS, default 2), at 1 and 256 sequences
 # (PROFILE_BATCHES; collectives included);
-# full8b: Qwen3-8B TP=1 vs TP=2, the full workload. All but dp and probe run only if the smoke run passed. Every Python process prints its stacks
-# every STACKS_EVERY_S seconds, so a hang shows where.
+# full8b: Qwen3-8B TP=1 vs TP=2, the full workload. All but dp and probe run only if the smoke run passed.
+# STACKS_EVERY_S=N: every Python process prints its stacks every N seconds, so a hang shows where (off by
+# default: faulthandler walks a running thread's frames, and one such dump crashed a TP=2 start-up with a
+# segmentation fault while the main thread compiled Triton kernels).
 set -u
 export PYTHONPATH=$PWD:$PWD/scripts/debug_site NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export STACKS_EVERY_S=${STACKS_EVERY_S:-60} NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 BUDGET=${BUDGET:-570}
 parts=" ${*:-dp smoke tests gpu1tests bench8b full8b} "

@@ -5,6 +5,9 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -122,6 +125,45 @@ def test_greedy_decode_steps_draw_on_each_ranks_slice(tp_llm, prompts_and_refere
     plans.clear()
     tp_llm.generate(prompts, SamplingParams(temperature=0.8, max_tokens=4), use_tqdm=False)
     assert plans and all(plan is None for _, plan in plans)
+
+
+# The race over slices runs only on CUDA with >= 64 rows; here it is forced on the CPU, every rank's
+# Triton kernel in the interpreter (set before Triton is imported, hence a process of its own).
+RACE_ON_SLICES = textwrap.dedent("""
+    import json, os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from nanovllm import LLM, SamplingParams
+    from nanovllm.engine import model_runner
+    from nanovllm.sampling.shard_draw import ShardDraw, plan_shard_draw
+
+    def race_plan(batch, seqs, device):
+        if batch.all_greedy:
+            return plan_shard_draw(batch, seqs, device)
+        return ShardDraw([seq.sampling_params.temperature for seq in seqs], int(torch.randint(0, 2**31 - 1, ())))
+
+    model_runner.plan_shard_draw = race_plan
+    prompts, engine = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    with LLM(sys.argv[1], tensor_parallel_size=2, **engine) as llm:
+        runs = [llm.generate(prompts, SamplingParams(temperature=t, max_tokens=8, ignore_eos=True), use_tqdm=False)
+                for t in (1e-4, 1.5)]
+    print(json.dumps([[o["token_ids"] for o in run] for run in runs]))
+""")
+
+
+def test_race_over_slices_runs_through_the_workers(tiny_model, prompts_and_reference):
+    """Every rank races over its slice with the seed and temperatures from rank 0's message: at a
+    temperature of 1e-4 the race is the greedy argmax (unless two logits tie within ~1e-3), at 1.5 it
+    is not."""
+    prompts, reference = prompts_and_reference
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", RACE_ON_SLICES, tiny_model, json.dumps(prompts),
+                           json.dumps(CPU_ENGINE)], cwd=root, capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr[-3000:]
+    cold, hot = json.loads(done.stdout.splitlines()[-1])
+    assert cold == [tokens[:8] for tokens in reference]
+    assert hot != cold
 
 
 def test_greedy_slices_give_the_first_maximum_of_the_whole_row():

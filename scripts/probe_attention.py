@@ -19,6 +19,7 @@ import triton
 from triton.testing import do_bench
 
 from nanovllm.attention.triton_kernels import choose_num_splits, paged_decode_attention, paged_prefill_attention
+from nanovllm.attention.triton_kernels import decode
 from nanovllm.attention.triton_kernels.decode import decode_tile_tokens
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 16, 8, 128, torch.bfloat16
@@ -26,6 +27,7 @@ DECODE_CASES = [(256, 850), (8, 4000), (1, 4000), (1, 640)]  # (sequences, conte
 BLOCK_SIZES = [256, 16]
 SWEEP_CASES = DECODE_CASES[1:]  # the split sweep's
 DECODE_ONLY = False
+STAGES: list[int] = []  # --stages: also sweep the decode kernel's pipeline stages
 PREFILL_SEQS, PREFILL_LEN = 64, 1024
 
 
@@ -111,6 +113,16 @@ def main():
                              f"{ms * 1e3:.1f}us")
             print(f"  {num_seqs:>3} x {context_len} tokens, block {block_size:>3}: " + "  ".join(cells))
 
+    if STAGES:
+        print(f"\ndecode pipeline-stage sweep at the chosen splits (decode.NUM_STAGES = {decode.NUM_STAGES}):")
+        for num_seqs, context_len in SWEEP_CASES:
+            for block_size in BLOCK_SIZES:
+                cells = []
+                for stages in STAGES:
+                    decode.NUM_STAGES = stages
+                    bandwidth, ms = decode_bandwidth(num_seqs, context_len, block_size, None)
+                    cells.append(f"{stages}: {bandwidth / copy_bw:.0%} {ms * 1e3:.1f}us")
+                print(f"  {num_seqs:>3} x {context_len} tokens, block {block_size:>3}: " + "  ".join(cells))
     if DECODE_ONLY:
         return
     rows = []
@@ -133,8 +145,11 @@ if __name__ == "__main__":
     parser.add_argument("--kv-heads", type=int, default=NUM_KV_HEADS)
     parser.add_argument("--cases", nargs="*", help="split sweep cases, SEQSxCONTEXT (default: the built-in ones)")
     parser.add_argument("--block-sizes", type=int, nargs="*", default=BLOCK_SIZES)
-    parser.add_argument("--decode-only", action="store_true", help="only the split sweep")
+    parser.add_argument("--decode-only", action="store_true", help="only the split sweep (and --stages)")
+    parser.add_argument("--stages", type=int, nargs="*", default=[],
+                        help="also time these pipeline stage counts for the decode kernel, at the chosen splits")
     args = parser.parse_args()
     NUM_HEADS, NUM_KV_HEADS, BLOCK_SIZES, DECODE_ONLY = args.heads, args.kv_heads, args.block_sizes, args.decode_only
+    STAGES = args.stages
     SWEEP_CASES = ([tuple(map(int, case.split("x"))) for case in args.cases] if args.cases else DECODE_CASES[1:])
     main()

@@ -1,5 +1,7 @@
 """GPU kernel time per decode step (torch profiler) at a few batch sizes, on random Qwen3 weights.
 With tensor parallelism it profiles rank 0's GPU, whose collectives (NCCL kernels) show among its kernels.
+It also prints how long the GPU ran no kernel at all per step, and between which kernels those gaps fell
+(a collective that waits for a slower rank counts as running, not as a gap).
 
     python scripts/profile_kernels.py [--batch-sizes 1 64 256] [--context 512] [--shape qwen3-8b | --model DIR]
         [--tensor-parallel-size 2]
@@ -13,6 +15,20 @@ from torch.profiler import ProfilerActivity, profile
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.testing.checkpoints import make_benchmark_model
+
+
+def idle_gaps(kernels: list[tuple[float, float, str]]) -> dict[tuple[str, str], list[float]]:
+    """kernels: (start, end, name) of every kernel on the GPU (they may overlap) -> the stretches when
+    none ran, grouped by the kernel that ended last before and the one that started after them."""
+    kernels = sorted(kernels)
+    gaps: dict[tuple[str, str], list[float]] = {}
+    busy_until, last = kernels[0][1], kernels[0][2]
+    for start, end, name in kernels[1:]:
+        if start > busy_until:
+            gaps.setdefault((last, name), []).append(start - busy_until)
+        if end > busy_until:
+            busy_until, last = end, name
+    return gaps
 
 
 def main():
@@ -55,6 +71,14 @@ def main():
               f"{total / 1e3:.3f} ms/step, {launches:.0f} kernels/step")
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.top]:
             print(f"{e.self_device_time_total / args.steps / 1e3:8.3f} ms {e.count // args.steps:5d}x  {e.key[:90]}")
+        kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA]
+        gaps = idle_gaps(kernels)
+        print(f"   no kernel running: {sum(map(sum, gaps.values())) / args.steps / 1e3:.3f} ms/step; the longest, "
+              f"after -> before:")
+        for (after, before), lengths in sorted(gaps.items(), key=lambda item: -sum(item[1]))[:5]:
+            print(f"{sum(lengths) / args.steps / 1e3:8.3f} ms {len(lengths) // args.steps:5d}x  "
+                  f"{after[:44]} -> {before[:44]}")
         llm.scheduler.abort(seqs)
     llm.exit()
 

@@ -101,6 +101,10 @@ def _peer_all_reduce_rank(rank: int, port: int) -> None:
     bf16 = dict(dtype=torch.bfloat16, device=device)
     assert not group.peer.fits(torch.zeros(2 * words + 2, **bf16)), "larger than the buffers: NCCL's"
     assert not group.peer.fits(torch.zeros(4097, **bf16)), "an odd number of 16-bit elements: NCCL's"
+    assert not group.peer.fits(torch.zeros(4097, **bf16)[1:]), "not 4-byte aligned: NCCL's"
+    odd_rows = both_ranks(6, torch.bfloat16, 99).view(2, 3)  # rows of an odd number of elements, whole words in all
+    assert group.peer.fits(odd_rows)
+    torch.testing.assert_close(group.peer.all_reduce(odd_rows.clone()), nccl_sum(odd_rows))
     for seed, (dtype, numel) in enumerate([(torch.bfloat16, n) for n in (2, 1000, 2048, 2050, 8192, 2 * words)]
                                           + [(torch.float32, n) for n in (1, 1000, 1024, 4097, words)]):
         x = both_ranks(numel, dtype, seed)

@@ -206,14 +206,16 @@ class PeerAllReduce:
             raise
 
     def fits(self, x: torch.Tensor) -> bool:
+        """Whether x can take this path: its bytes are whole 4-byte words, 4-byte aligned, and few enough."""
         nbytes = x.numel() * x.element_size()
         return (x.dtype in _KINDS and x.is_contiguous() and x.device == self.device
-                and 0 < nbytes <= 4 * self.max_words and nbytes % 4 == 0)
+                and 0 < nbytes <= 4 * self.max_words and nbytes % 4 == 0
+                and x.storage_offset() * x.element_size() % 4 == 0)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """In place, as dist.all_reduce: x becomes the sum of every rank's x. x must fit (see fits)."""
         pdl = pdl_enabled(x.device)
-        words = x.view(torch.int32)
+        words = x.view(-1).view(torch.int32)  # flat first: a 16-bit row may hold an odd number
         grid = min(triton.cdiv(words.numel(), BLOCK), MAX_GRID)
         _peer_all_reduce_kernel[(grid,)](
             words, words, words.numel(), self._addresses, self.rank, self.timeout_ns, WORLD=self.world_size,

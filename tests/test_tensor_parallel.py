@@ -115,8 +115,9 @@ def test_greedy_decode_steps_draw_on_each_ranks_slice(tp_llm, prompts_and_refere
     real_plan, plans = tp_llm.model_runner.plan_draw, []
 
     def recording_plan(seqs, is_prefill):
-        plans.append((is_prefill, real_plan(seqs, is_prefill)))
-        return plans[-1][1]
+        draw, settings = real_plan(seqs, is_prefill)
+        plans.append((is_prefill, draw))
+        return draw, settings
 
     monkeypatch.setattr(tp_llm.model_runner, "plan_draw", recording_plan)
     assert greedy_tokens(tp_llm, prompts) == reference

@@ -183,8 +183,9 @@ class LLMEngine:
         if self.workers is None:
             return self.model_runner.run(seqs, is_prefill)
         # The workers get the step first, so they compute while rank 0 does.
-        draw = self.model_runner.plan_draw(seqs, is_prefill)
-        return self.workers.run_step(seqs, is_prefill, draw, lambda: self.model_runner.run(seqs, is_prefill, draw))
+        draw, settings = self.model_runner.plan_draw(seqs, is_prefill)
+        return self.workers.run_step(seqs, is_prefill, draw,
+                                     lambda: self.model_runner.run(seqs, is_prefill, draw, settings))
 
     def _after_sampling(self, seqs: list[Sequence], token_ids: list[int | None]) -> list[Sequence]:
         """Admit the siblings of requests whose prompt is now cached; detokenize the sequences that

@@ -15,6 +15,7 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.ops import EAGER_OPS, building_with_ops, cuda_ops
 from nanovllm.sampling import Sampler, SamplerOutput
+from nanovllm.sampling.batch import SamplingBatch
 from nanovllm.sampling.shard_draw import ShardDraw, compile_shard_draw, draw_on_shards, plan_shard_draw
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.context import set_context
@@ -54,10 +55,10 @@ class ModelRunner:
             self.sampler = Sampler()
         load_model(self.model, config.model)
         head = self.model.lm_head
-        if self.device.type == "cuda" and group.world_size == 1:
+        if self.device.type == "cuda" and group.rank == 0:  # rank 0 samples from gathered logits
             # logits: [B, vocab], a slice of the padded vocabulary's rows
             self.sampler.compile_kernels(head.vocab_size, head.padded_vocab_size, config.torch_dtype, self.device)
-        elif self.device.type == "cuda":  # every rank draws over its slice of the vocabulary
+        if self.device.type == "cuda" and group.world_size > 1:  # every rank draws over its vocabulary slice
             compile_shard_draw(head, config.torch_dtype, self.device)
         logger.info("rank %d: model built and loaded in %.1f s", group.rank, time.perf_counter() - started)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
@@ -182,13 +183,14 @@ class ModelRunner:
         if draw is not None:
             draw_on_shards(logits, draw, self.model.lm_head, self.group)
 
-    def plan_draw(self, seqs: list[Sequence], is_prefill: bool) -> ShardDraw | None:
+    def plan_draw(self, seqs: list[Sequence], is_prefill: bool) -> tuple[ShardDraw | None, SamplingBatch | None]:
         """Rank 0, before a tensor-parallel step is sent: whether every rank draws the step's tokens
-        over its slice of the vocabulary (sampling/shard_draw.py), and how. Decode steps only."""
+        over its slice of the vocabulary (sampling/shard_draw.py), and how; decode steps only. Also
+        returns the sampling settings the plan was made from, for run(), so they are built once."""
         if self.group.world_size == 1 or is_prefill:
-            return None
+            return None, None
         settings = self.sampler.settings(seqs, self.config.eos_token_ids, self.model.lm_head.vocab_size, self.device)
-        return plan_shard_draw(settings, seqs, self.device)
+        return plan_shard_draw(settings, seqs, self.device), settings
 
     def _share_sampled_ids(self) -> None:
         """Every rank's decode_inputs.sampled becomes rank 0's: the ids of the last decode step, the
@@ -200,10 +202,11 @@ class ModelRunner:
         self.group.broadcast(self.decode_inputs.sampled, src=0)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool, draw: ShardDraw | None = None) -> "StepOutput":
+    def run(self, seqs: list[Sequence], is_prefill: bool, draw: ShardDraw | None = None,
+            settings: SamplingBatch | None = None) -> "StepOutput":
         """Queue one model step on the device. Its tokens are read from the returned StepOutput, which
         waits for them: the caller may queue the next step first (asynchronous scheduling).
-        draw: plan_draw's plan, sent to the other ranks with the step."""
+        draw, settings: plan_draw's plan, sent to the other ranks with the step, and its settings."""
         logits, sampled = self._forward_logits(seqs, is_prefill, gather=draw is None)
         if draw is not None:  # a decode step: every sequence samples
             output = SamplerOutput(draw_on_shards(logits, draw, self.model.lm_head, self.group), None)
@@ -211,7 +214,7 @@ class ModelRunner:
             sampling_seqs = [seq for seq, ok in zip(seqs, sampled) if ok]
             if not sampling_seqs:
                 return StepOutput(sampled, None)
-            output = self.sampler(logits, sampling_seqs, self.config.eos_token_ids)
+            output = self.sampler(logits, sampling_seqs, self.config.eos_token_ids, settings)
         if not is_prefill:  # the next decode step of the same batch takes its input ids from here
             self.decode_inputs.sampled = output.device_token_ids
         return StepOutput(sampled, output)

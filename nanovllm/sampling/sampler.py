@@ -94,16 +94,19 @@ class Sampler(nn.Module):
 
     def settings(self, seqs: list[Sequence], eos_token_ids: tuple[int, ...], vocab_size: int,
                  device: torch.device) -> SamplingBatch:
-        """This step's sampling settings (forward takes them again for the same sequences at no cost)."""
+        """This step's sampling settings (pass them on to forward: a batch whose settings change from
+        step to step, such as one with seeded rows, is built anew on every call)."""
         batch = self._batch(seqs, eos_token_ids, vocab_size, device)
         if not batch.penalized and self.penalty_state.entries:
             self.penalty_state.release_finished()  # free finished sequences' slots even when none use penalties
         return batch
 
-    def forward(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> SamplerOutput:
-        """logits: [B, V], row b for seqs[b]. The logits may be changed in place."""
+    def forward(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...],
+                settings: SamplingBatch | None = None) -> SamplerOutput:
+        """logits: [B, V], row b for seqs[b]. The logits may be changed in place. settings: what
+        settings(seqs, ...) returned this step, if the caller already asked for them."""
         vocab_size = logits.shape[1]
-        batch = self.settings(seqs, eos_token_ids, vocab_size, logits.device)
+        batch = settings if settings is not None else self.settings(seqs, eos_token_ids, vocab_size, logits.device)
         if batch.only_temperature and batch.all_greedy:
             return SamplerOutput(logits.argmax(-1), None)  # in the logits' own dtype: the same maximum
         if logits.is_cuda and batch.only_temperature and len(seqs) >= RACE_KERNEL_MIN_ROWS:

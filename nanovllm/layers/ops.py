@@ -63,13 +63,14 @@ def qk_norm_rotate(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_
     return rotate(positions, _normalize(q, q_weight, eps), _normalize(k, k_weight, eps), cos_sin_cache)
 
 
-def qk_norm_rotate_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, cos_sin_cache: torch.Tensor,
-                         attn) -> torch.Tensor:
-    """qk_norm_rotate, then k and v into the paged cache of attn (a layers.attention.Attention) -> q."""
-    q, k = qk_norm_rotate(positions, q, k, q_weight, k_weight, eps, cos_sin_cache)
-    attn.store(k, v)
-    return q
+def norm_rotate_then_store(norm_rotate: Callable) -> Callable:
+    """qk_norm_rotate_store(positions, q, k, v, q_weight, k_weight, eps, cos_sin_cache, attn) -> q:
+    norm_rotate (a qk_norm_rotate), then k and v into the paged cache of attn (a layers.attention.Attention)."""
+    def qk_norm_rotate_store(positions, q, k, v, q_weight, k_weight, eps, cos_sin_cache, attn):
+        q, k = norm_rotate(positions, q, k, q_weight, k_weight, eps, cos_sin_cache)
+        attn.store(k, v)
+        return q
+    return qk_norm_rotate_store
 
 
 def norm_then_linear(rms_norm: Callable, add_rms_norm: Callable, linear: Callable) -> Callable:
@@ -91,7 +92,7 @@ class ModelOps(NamedTuple):
     norm_linear: Callable  # a decoder layer's add & RMSNorm with the projection after it (norm_then_linear)
 
 
-EAGER_OPS = ModelOps(rms_norm, add_rms_norm, qk_norm_rotate_store, linear,
+EAGER_OPS = ModelOps(rms_norm, add_rms_norm, norm_rotate_then_store(qk_norm_rotate), linear,
                      norm_then_linear(rms_norm, add_rms_norm, linear))
 
 
@@ -113,14 +114,12 @@ def cuda_ops() -> ModelOps:
         return F.linear(compiled_silu_and_mul(x) if gated else x, weight, bias)
 
     unfused_norm_linear = norm_then_linear(compiled_rms_norm, compiled_add_rms_norm, cuda_linear)
-    compiled_qk_norm_rotate = torch.compile(qk_norm_rotate, dynamic=True)
+    unfused_qk_norm_rotate_store = norm_rotate_then_store(torch.compile(qk_norm_rotate, dynamic=True))
 
     def cuda_qk_norm_rotate_store(positions, q, k, v, q_weight, k_weight, eps, cos_sin_cache, attn):
         head_dim = q.shape[-1]
         if head_dim & (head_dim - 1):  # the kernel's tiles span a power of two
-            q, k = compiled_qk_norm_rotate(positions, q, k, q_weight, k_weight, eps, cos_sin_cache)
-            attn.store(k, v)
-            return q
+            return unfused_qk_norm_rotate_store(positions, q, k, v, q_weight, k_weight, eps, cos_sin_cache, attn)
         # Every backend shares the cache layout and slot mapping (attention/base.py), so one kernel
         # writes the cache for all of them.
         return qk_norm_rope_store(positions, q, k, v, q_weight, k_weight, eps, cos_sin_cache, attn.k_cache,

@@ -13,6 +13,7 @@ large bf16 matrix product. Block tables are random permutations, as a long-runni
         (Qwen3-8B's heads on each of two tensor-parallel ranks: only the decode split sweep, at these cases)
 """
 import argparse
+import itertools
 
 import torch
 import triton
@@ -27,7 +28,9 @@ DECODE_CASES = [(256, 850), (8, 4000), (1, 4000), (1, 640)]  # (sequences, conte
 BLOCK_SIZES = [256, 16]
 SWEEP_CASES = DECODE_CASES[1:]  # the split sweep's
 DECODE_ONLY = False
-STAGES: list[int] = []  # --stages: also sweep the decode kernel's pipeline stages
+STAGES: list[int] = []  # --stages: also sweep the decode kernel's pipeline stages (with --tile-bytes, --warps)
+TILE_BYTES: list[int] = []
+WARPS: list[int] = []
 PREFILL_SEQS, PREFILL_LEN = 64, 1024
 
 
@@ -114,15 +117,17 @@ def main():
             print(f"  {num_seqs:>3} x {context_len} tokens, block {block_size:>3}: " + "  ".join(cells))
 
     if STAGES:
-        print(f"\ndecode pipeline-stage sweep at the chosen splits (decode.NUM_STAGES = {decode.NUM_STAGES}):")
+        defaults = decode.NUM_STAGES, decode.TILE_BYTES, decode.NUM_WARPS
+        print(f"\ndecode kernel sweep at the chosen splits, stages/tile bytes/warps (defaults {defaults}):")
         for num_seqs, context_len in SWEEP_CASES:
             for block_size in BLOCK_SIZES:
                 cells = []
-                for stages in STAGES:
-                    decode.NUM_STAGES = stages
+                for config in itertools.product(STAGES, TILE_BYTES or [defaults[1]], WARPS or [defaults[2]]):
+                    decode.NUM_STAGES, decode.TILE_BYTES, decode.NUM_WARPS = config
                     bandwidth, ms = decode_bandwidth(num_seqs, context_len, block_size, None)
-                    cells.append(f"{stages}: {bandwidth / copy_bw:.0%} {ms * 1e3:.1f}us")
+                    cells.append(f"{'/'.join(map(str, config))}: {bandwidth / copy_bw:.0%} {ms * 1e3:.1f}us")
                 print(f"  {num_seqs:>3} x {context_len} tokens, block {block_size:>3}: " + "  ".join(cells))
+        decode.NUM_STAGES, decode.TILE_BYTES, decode.NUM_WARPS = defaults
     if DECODE_ONLY:
         return
     rows = []
@@ -148,8 +153,10 @@ if __name__ == "__main__":
     parser.add_argument("--decode-only", action="store_true", help="only the split sweep (and --stages)")
     parser.add_argument("--stages", type=int, nargs="*", default=[],
                         help="also time these pipeline stage counts for the decode kernel, at the chosen splits")
+    parser.add_argument("--tile-bytes", type=int, nargs="*", default=[], help="with --stages: K/V tile sizes")
+    parser.add_argument("--warps", type=int, nargs="*", default=[], help="with --stages: warps per program")
     args = parser.parse_args()
     NUM_HEADS, NUM_KV_HEADS, BLOCK_SIZES, DECODE_ONLY = args.heads, args.kv_heads, args.block_sizes, args.decode_only
-    STAGES = args.stages
+    STAGES, TILE_BYTES, WARPS = args.stages, args.tile_bytes, args.warps
     SWEEP_CASES = ([tuple(map(int, case.split("x"))) for case in args.cases] if args.cases else DECODE_CASES[1:])
     main()

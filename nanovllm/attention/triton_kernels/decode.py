@@ -25,6 +25,7 @@ TILE_BYTES = 16384  # one K (or V) tile
 # (NUM_STAGES - 1) // 2 K/V tiles in flight. Measured on an H200: 3, 5 or 7 stages and 8-32 KB tiles were
 # all within a few percent; concurrent programs on each SM hide the latency instead.
 NUM_STAGES = 3
+NUM_WARPS = 4
 # Split until the grid holds up to this many programs per SM, one wave: measured at 8 x 4000 tokens,
 # 512 programs read at 80% of copy bandwidth and 576 (a second, nearly empty wave) at 65%.
 PROGRAMS_PER_SM = 4
@@ -164,7 +165,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_ROWS=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE=tile, SPLIT=split, DOT_PRECISION=dot_precision(q.dtype),
-        PDL=pdl, num_warps=4, num_stages=NUM_STAGES, launch_pdl=pdl,
+        PDL=pdl, num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=pdl,
     )
     if split:
         _merge_splits_kernel[(num_seqs, num_heads)](

@@ -20,15 +20,14 @@ import triton
 from triton.testing import do_bench
 
 from nanovllm.attention.triton_kernels import choose_num_splits, paged_decode_attention, paged_prefill_attention
-from nanovllm.attention.triton_kernels import decode
-from nanovllm.attention.triton_kernels.decode import decode_tile_tokens
+from nanovllm.attention.triton_kernels.decode import DEFAULT_LAUNCH, DecodeLaunch, choose_launch
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 16, 8, 128, torch.bfloat16
 DECODE_CASES = [(256, 850), (8, 4000), (1, 4000), (1, 640)]  # (sequences, context tokens); (1, 640): one request
 BLOCK_SIZES = [256, 16]
 SWEEP_CASES = DECODE_CASES[1:]  # the split sweep's
 DECODE_ONLY = False
-STAGES: list[int] = []  # --stages: also sweep the decode kernel's pipeline stages (with --tile-bytes, --warps)
+STAGES: list[int] = []  # --stages: also sweep the decode kernel's launch: pipeline stages (with --tile-bytes, --warps)
 TILE_BYTES: list[int] = []
 WARPS: list[int] = []
 PREFILL_SEQS, PREFILL_LEN = 64, 1024
@@ -68,15 +67,17 @@ def paged_cache(num_seqs: int, context_len: int, block_size: int):
     return k_cache, v_cache, block_tables, context_lens
 
 
-def decode_bandwidth(num_seqs: int, context_len: int, block_size: int, num_splits: int | None) -> tuple[float, float]:
-    """-> (KV bytes read per second, median ms per call)."""
+def decode_bandwidth(num_seqs: int, context_len: int, block_size: int, num_splits: int | None,
+                     launch: DecodeLaunch | None = None) -> tuple[float, float]:
+    """-> (KV bytes read per second, median ms per call); num_splits and launch as paged_decode_attention's."""
     kv_bytes = 2 * num_seqs * context_len * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
     caches = [paged_cache(num_seqs, context_len, block_size) for _ in range(triton.cdiv(1 << 30, kv_bytes))]
     q = torch.randn(num_seqs, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
 
     def decode_all():
         for k_cache, v_cache, block_tables, context_lens in caches:
-            paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, HEAD_DIM ** -0.5, num_splits)
+            paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, HEAD_DIM ** -0.5, num_splits,
+                                   launch=launch)
 
     ms = median_ms(graph_of(decode_all).replay) / len(caches)
     return kv_bytes / (ms * 1e-3), ms
@@ -101,7 +102,7 @@ def main():
     print(f"{device.name}, {device.multi_processor_count} SMs: copy {copy_bw / 1e12:.2f} TB/s, "
           f"bf16 matmul {mm_flops / 1e12:.0f} TFLOP/s")
 
-    tile = decode_tile_tokens(HEAD_DIM, DTYPE.itemsize)
+    tile = DEFAULT_LAUNCH.tile_tokens(HEAD_DIM, DTYPE.itemsize)
     print(f"\ndecode split sweep, {NUM_HEADS} heads, {NUM_KV_HEADS} KV heads (fraction of copy bandwidth; "
           f"* = chosen):")
     for num_seqs, context_len in SWEEP_CASES:
@@ -117,17 +118,20 @@ def main():
             print(f"  {num_seqs:>3} x {context_len} tokens, block {block_size:>3}: " + "  ".join(cells))
 
     if STAGES:
-        defaults = decode.NUM_STAGES, decode.TILE_BYTES, decode.NUM_WARPS
-        print(f"\ndecode kernel sweep at the chosen splits, stages/tile bytes/warps (defaults {defaults}):")
+        print("\ndecode launch sweep at the chosen splits, stages/tile bytes/warps (* = chosen by choose_launch):")
         for num_seqs, context_len in SWEEP_CASES:
             for block_size in BLOCK_SIZES:
+                splits = choose_num_splits(num_seqs, NUM_KV_HEADS, triton.cdiv(context_len, block_size), block_size,
+                                           tile, device.multi_processor_count)
+                chosen = choose_launch(num_seqs, NUM_KV_HEADS, splits, device.multi_processor_count)
                 cells = []
-                for config in itertools.product(STAGES, TILE_BYTES or [defaults[1]], WARPS or [defaults[2]]):
-                    decode.NUM_STAGES, decode.TILE_BYTES, decode.NUM_WARPS = config
-                    bandwidth, ms = decode_bandwidth(num_seqs, context_len, block_size, None)
-                    cells.append(f"{'/'.join(map(str, config))}: {bandwidth / copy_bw:.0%} {ms * 1e3:.1f}us")
+                for stages, tile_bytes, warps in itertools.product(STAGES, TILE_BYTES or [DEFAULT_LAUNCH.tile_bytes],
+                                                                   WARPS or [DEFAULT_LAUNCH.num_warps]):
+                    launch = DecodeLaunch(tile_bytes, warps, stages)
+                    bandwidth, ms = decode_bandwidth(num_seqs, context_len, block_size, None, launch)
+                    cells.append(f"{stages}/{tile_bytes}/{warps}{'*' if launch == chosen else ''}: "
+                                 f"{bandwidth / copy_bw:.0%} {ms * 1e3:.1f}us")
                 print(f"  {num_seqs:>3} x {context_len} tokens, block {block_size:>3}: " + "  ".join(cells))
-        decode.NUM_STAGES, decode.TILE_BYTES, decode.NUM_WARPS = defaults
     if DECODE_ONLY:
         return
     rows = []

@@ -150,6 +150,7 @@ def check_split_decode(dtype: torch.dtype, device: str):
     """Decode attention split over the context, then merged: equal to a softmax over each sequence's gathered
     cache, with a graph-padding row (context 0) of zeros. Contexts span one to many tiles; blocks are permuted."""
     from nanovllm.attention.triton_kernels import paged_decode_attention
+    from nanovllm.attention.triton_kernels.decode import DEFAULT_LAUNCH, FEW_PROGRAMS_LAUNCH, DecodeLaunch
 
     generator = torch.Generator().manual_seed(0)
     heads, kv_heads, head_dim, block_size = 16, 8, 128, 16
@@ -168,9 +169,11 @@ def check_split_decode(dtype: torch.dtype, device: str):
             weights = (torch.einsum("hd,thd->ht", q[seq].float(), k) * head_dim ** -0.5).softmax(-1)
             expected[seq] = torch.einsum("ht,thd->hd", weights, v)
     tensors = [t.to(device) for t in (q, k_cache, v_cache, block_tables, context_lens)]
-    for num_splits in (1, 3, 8):
+    # Both launches (their tiles differ, so the splits' ranges do too) and an odd pipeline depth.
+    for num_splits, launch in ((1, DEFAULT_LAUNCH), (3, DEFAULT_LAUNCH), (8, DEFAULT_LAUNCH),
+                               (1, FEW_PROGRAMS_LAUNCH), (3, FEW_PROGRAMS_LAUNCH), (2, DecodeLaunch(8192, 2, 5))):
         poison_next_outputs(device, (tuple(q.shape), dtype))
-        out = paged_decode_attention(*tensors, head_dim ** -0.5, num_splits=num_splits)
+        out = paged_decode_attention(*tensors, head_dim ** -0.5, num_splits=num_splits, launch=launch)
         torch.testing.assert_close(out.float().cpu(), expected, atol=4 * ULP[dtype], rtol=4 * ULP[dtype])
 
 
@@ -181,6 +184,16 @@ NORM_GEMV_CASES = [(rows, n, k, has_residual) for rows in (1, 2) for n, k in ((3
                    for has_residual in (False, True)]
 # Qwen3's GQA (16 / 8 heads of 128), a head count that is not a power of two, head_dim 64.
 QK_CASES = [(5, 16, 8, 128), (3, 6, 2, 64), (1, 4, 4, 128)]
+
+
+def test_decode_launch_keeps_more_in_flight_only_for_few_programs():
+    from nanovllm.attention.triton_kernels.decode import DEFAULT_LAUNCH, FEW_PROGRAMS_LAUNCH, choose_launch
+
+    sms = 132  # an H100 / H200
+    assert choose_launch(64, 4, 1, sms) is FEW_PROGRAMS_LAUNCH  # 256 programs: Qwen3-8B's 64 rows at TP=2
+    assert choose_launch(128, 4, 1, sms) is DEFAULT_LAUNCH  # 512 programs
+    assert choose_launch(64, 8, 1, sms) is DEFAULT_LAUNCH  # the same rows at TP=1
+    assert choose_launch(16, 4, 8, sms) is DEFAULT_LAUNCH  # split: the splits fill the SMs
 
 
 def test_interpreted_kernels_match_torch():

@@ -9,6 +9,7 @@ partial softmaxes.
 CUDA-graph safe: the grid depends only on shapes, and each sequence's split ranges are derived on the
 device from its context length; splits past a sequence's context exit at once.
 """
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -20,12 +21,28 @@ from nanovllm.attention.triton_kernels.common import (LOG2E, check_cache, dot_pr
 from nanovllm.utils.pdl import pdl_enabled, release_next, wait_for_previous
 
 MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
-TILE_BYTES = 16384  # one K (or V) tile
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """How the decode kernel reads: tile_bytes per K (or V) tile, warps and pipeline stages per program."""
+    tile_bytes: int
+    num_warps: int
+    num_stages: int
+
+    def tile_tokens(self, head_dim: int, element_size: int) -> int:
+        return max(16, min(128, self.tile_bytes // (head_dim * element_size)))
+
+
 # The block-table lookup takes a pipeline stage ahead of each K/V load, so Triton keeps
-# (NUM_STAGES - 1) // 2 K/V tiles in flight. Measured on an H200: 3, 5 or 7 stages and 8-32 KB tiles were
-# all within a few percent; concurrent programs on each SM hide the latency instead.
-NUM_STAGES = 3
-NUM_WARPS = 4
+# (num_stages - 1) // 2 K/V tiles in flight. With 4 or more programs per SM (H200, probe_attention.py),
+# 3, 5 or 7 stages and 8-32 KB tiles were all within a few percent: concurrent programs on each SM hide
+# the latency. With fewer (unsplit batches of 1-3 programs per SM, such as 64 sequences x 4 KV heads at
+# TP=2), each program must keep more bytes in flight: 32 KB tiles over 8 warps read 64 x 512 tokens at
+# 74% of copy bandwidth instead of 59%, while at 128 x 512 the default's 85% beat them (78%).
+DEFAULT_LAUNCH = DecodeLaunch(tile_bytes=16384, num_warps=4, num_stages=3)
+FEW_PROGRAMS_LAUNCH = DecodeLaunch(tile_bytes=32768, num_warps=8, num_stages=3)
+FEW_PROGRAMS_PER_SM = 3  # below this many programs per SM (unsplit), FEW_PROGRAMS_LAUNCH
 # Split until the grid holds up to this many programs per SM, one wave: measured at 8 x 4000 tokens,
 # 512 programs read at 80% of copy bandwidth and 576 (a second, nearly empty wave) at 65%.
 PROGRAMS_PER_SM = 4
@@ -121,10 +138,6 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def decode_tile_tokens(head_dim: int, element_size: int) -> int:
-    return max(16, min(128, TILE_BYTES // (head_dim * element_size)))
-
-
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, block_size: int, tile: int,
                       num_sms: int) -> int:
     """Context splits per sequence: none once every SM has a program (measured: splitting 256 programs
@@ -136,20 +149,31 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, block_s
     return max(1, min(PROGRAMS_PER_SM * num_sms // programs, tiles_in_longest, MAX_SPLITS))
 
 
+def choose_launch(num_seqs: int, num_kv_heads: int, num_splits: int, num_sms: int) -> DecodeLaunch:
+    """FEW_PROGRAMS_LAUNCH for an unsplit grid of under FEW_PROGRAMS_PER_SM programs per SM, else the default."""
+    few = num_splits == 1 and num_seqs * num_kv_heads < FEW_PROGRAMS_PER_SM * num_sms
+    return FEW_PROGRAMS_LAUNCH if few else DEFAULT_LAUNCH
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, out: torch.Tensor | None = None,
+                           launch: DecodeLaunch | None = None) -> torch.Tensor:
     """q: [B, H, D]; caches: [num_blocks, block_size, Hkv, D]; block_tables: [B, M] int32;
-    context_lens: [B] int32 -> [B, H, D]. num_splits defaults to choose_num_splits for this shape."""
+    context_lens: [B] int32 -> [B, H, D]. num_splits defaults to choose_num_splits for this shape, and
+    launch to choose_launch (splits are chosen in the default launch's tiles)."""
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     check_cache(k_cache, v_cache)
     assert q.stride(2) == 1 and block_tables.stride(1) == 1 and num_heads % num_kv_heads == 0
     group = num_heads // num_kv_heads
-    tile = decode_tile_tokens(head_dim, k_cache.element_size())
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, block_tables.shape[1], block_size, tile,
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, block_tables.shape[1], block_size,
+                                       DEFAULT_LAUNCH.tile_tokens(head_dim, k_cache.element_size()),
                                        _num_sms(q.device))
+    if launch is None:
+        launch = choose_launch(num_seqs, num_kv_heads, num_splits, _num_sms(q.device))
+    tile = launch.tile_tokens(head_dim, k_cache.element_size())  # both kernels derive the splits from it
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     split = num_splits > 1
@@ -165,7 +189,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_ROWS=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE=tile, SPLIT=split, DOT_PRECISION=dot_precision(q.dtype),
-        PDL=pdl, num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=pdl,
+        PDL=pdl, num_warps=launch.num_warps, num_stages=launch.num_stages, launch_pdl=pdl,
     )
     if split:
         _merge_splits_kernel[(num_seqs, num_heads)](

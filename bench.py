@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--sync-scheduling", action="store_true",
                    help="async_scheduling=False: each step waits for its tokens before the next is scheduled")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--prefill-overlap-tokens", type=int, default=1024,
+                   help="the engine option (tensor parallelism: prefill micro-batches; 0: off)")
     p.add_argument("--max-model-len", type=int, default=4096)
     return p.parse_args(argv)
 
@@ -111,7 +113,7 @@ def run_nano(path, args, prompts, output_lens):
     from nanovllm import LLM, SamplingParams
     started = time.perf_counter()
     llm = LLM(path, enforce_eager=args.enforce_eager, async_scheduling=not args.sync_scheduling,
-              tensor_parallel_size=args.tensor_parallel_size,
+              tensor_parallel_size=args.tensor_parallel_size, prefill_overlap_tokens=args.prefill_overlap_tokens,
               max_model_len=args.max_model_len)
     params = [SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                              repetition_penalty=args.repetition_penalty, ignore_eos=True, max_tokens=n)

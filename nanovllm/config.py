@@ -75,6 +75,10 @@ class Config:
     enforce_eager: bool = False
     # Schedule and queue the next decode step while the current one runs (llm_engine.py).
     async_scheduling: bool = True
+    # Tensor parallelism: a prefill step whose sequences split into two micro-batches of at least this
+    # many tokens each runs them interleaved, each one's all-reduces hidden behind the other's compute
+    # (utils/partial_sums.py); 0: never.
+    prefill_overlap_tokens: int = 1024
     kvcache_block_size: int = 256
     num_kvcache_blocks: int = -1
     device: str = "auto"
@@ -92,6 +96,7 @@ class Config:
         check_number("tensor_parallel_size", self.tensor_parallel_size, 1, 8, integer=True)
         check_type("enforce_eager", self.enforce_eager, bool, "a bool")
         check_type("async_scheduling", self.async_scheduling, bool, "a bool")
+        check_number("prefill_overlap_tokens", self.prefill_overlap_tokens, 0, integer=True)
         check_number("kvcache_block_size", self.kvcache_block_size, 16, integer=True)
         if self.kvcache_block_size & (self.kvcache_block_size - 1):
             raise ValueError(f"kvcache_block_size must be a power of two >= 16, got {self.kvcache_block_size}")

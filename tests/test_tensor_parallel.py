@@ -10,12 +10,14 @@ import sys
 import textwrap
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine import tp_channel
+from nanovllm.engine.model_runner import overlap_cut
 from nanovllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from nanovllm.engine.tp_channel import CallChannel, WorkerGone
 from nanovllm.engine.tp_step import SequenceMirror, StepEncoder
@@ -187,6 +189,31 @@ def test_prefix_cache_hits_give_same_tokens(tp_llm, prompts_and_reference):
     again = tp_llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o["token_ids"] for o in again] == reference
     assert sum(o["num_cached_tokens"] for o in again) >= 3 * 32
+
+
+def test_prefill_micro_batches_give_same_tokens(tiny_model, prompts_and_reference, monkeypatch):
+    """prefill_overlap_tokens=8: prefill steps of several sequences run as two micro-batches, each one's
+    all-reduces queued while the other computes (utils/partial_sums.py), with prefix-cache hits and
+    prompts chunked over steps (max_num_batched_tokens=64)."""
+    prompts, reference = prompts_and_reference
+    with LLM(tiny_model, **(TP2 | {"prefill_overlap_tokens": 8, "max_num_batched_tokens": 64})) as llm:
+        real, cuts = llm.model_runner._prefill_overlapped, []
+        monkeypatch.setattr(llm.model_runner, "_prefill_overlapped",
+                            lambda parts, gather: cuts.append([len(p) for p in parts]) or real(parts, gather))
+        assert greedy_tokens(llm, prompts) == reference
+        again = llm.generate(prompts, GREEDY, use_tqdm=False)
+        assert [o["token_ids"] for o in again] == reference
+        assert sum(o["num_cached_tokens"] for o in again) >= 3 * 32
+    assert len(cuts) >= 4 and all(min(sizes) >= 1 for sizes in cuts)
+
+
+def test_overlap_cut_evens_the_micro_batches_tokens():
+    seqs = lambda *tokens: [SimpleNamespace(num_scheduled_tokens=n) for n in tokens]  # noqa: E731
+    assert overlap_cut(seqs(5, 5, 10), 1) == 2
+    assert overlap_cut(seqs(30, 1, 1, 2, 30), 30) == 3  # 32 + 32 tokens
+    assert overlap_cut(seqs(5, 5, 10), 11) is None  # a micro-batch would fall short
+    assert overlap_cut(seqs(100), 1) is None  # one sequence is never cut
+    assert overlap_cut(seqs(50, 50), 0) is None  # 0: off
 
 
 def test_ctrl_c_during_a_step_leaves_engine_usable(tp_llm, prompts_and_reference, monkeypatch):

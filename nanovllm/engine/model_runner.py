@@ -21,6 +21,7 @@ from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.utils.context import set_context
 from nanovllm.utils.distributed import ParallelGroup, building_with
 from nanovllm.utils.loader import checkpoint_numel, load_model
+from nanovllm.utils.partial_sums import run_overlapped
 from nanovllm.utils.transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,10 @@ class ModelRunner:
     def _forward_logits(self, seqs: list[Sequence], is_prefill: bool, decode_input_ids: torch.Tensor | None = None,
                         gather: bool = True):
         graphed = not is_prefill and self.graphs is not None and self.graphs.fits(len(seqs))
+        cut = overlap_cut(seqs, self.config.prefill_overlap_tokens) if is_prefill and self.group.world_size > 1 \
+            else None
+        if cut is not None:
+            return self._prefill_overlapped([seqs[:cut], seqs[cut:]], gather)
         if is_prefill:
             inputs = self.inputs.prefill(seqs)
         else:
@@ -170,6 +175,18 @@ class ModelRunner:
             return self.model.compute_logits(hidden, gather), inputs.sampled
         finally:
             set_context(None)
+
+    def _prefill_overlapped(self, micro_batches: list[list[Sequence]], gather: bool):
+        """A tensor-parallel prefill step as micro-batches whose all-reduces overlap each other's compute
+        (utils/partial_sums.py); returns what _forward_logits does, rows in the step's order."""
+        parts = [self.inputs.prefill(seqs) for seqs in micro_batches]
+        try:
+            hiddens = run_overlapped([(self.model.partial_sums(part.input_ids, part.positions), part.meta)
+                                      for part in parts], self.group)
+        finally:
+            set_context(None)
+        hidden = torch.cat([h[part.logits_indices] for h, part in zip(hiddens, parts)])
+        return self.model.compute_logits(hidden, gather), [ok for part in parts for ok in part.sampled]
 
     def run_without_sampling(self, seqs: list[Sequence], is_prefill: bool, draw: ShardDraw | None = None) -> None:
         """Ranks > 0: the step's forward pass, which its collectives need, and its draw over this rank's
@@ -218,6 +235,20 @@ class ModelRunner:
         if not is_prefill:  # the next decode step of the same batch takes its input ids from here
             self.decode_inputs.sampled = output.device_token_ids
         return StepOutput(sampled, output)
+
+
+def overlap_cut(seqs: list[Sequence], min_tokens: int) -> int | None:
+    """Where to cut a prefill step's sequences into two micro-batches of scheduled tokens as equal as
+    sequence boundaries allow; None unless both get at least min_tokens (min_tokens 0: never)."""
+    tokens = [seq.num_scheduled_tokens for seq in seqs]
+    total, before, best = sum(tokens), 0, None
+    for cut in range(1, len(seqs)):
+        before += tokens[cut - 1]
+        if best is None or abs(total - 2 * before) < abs(total - 2 * best[1]):
+            best = cut, before
+    if min_tokens == 0 or best is None or min(best[1], total - best[1]) < min_tokens:
+        return None
+    return best[0]
 
 
 class StepOutput:

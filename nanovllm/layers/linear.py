@@ -90,8 +90,10 @@ class RowParallelLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
         super().__init__(divide(input_size, current_group().world_size), output_size, bias, tp_dim=1)
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
-        """gated: x is [gate | up] of the MLP, and the input is silu(gate) * up (ops.linear)."""
-        # The bias is added once, after the sum, not once per rank.
-        y = self.tp.all_reduce(self.ops.linear(x, self.weight, gated))
-        return y if self.bias is None else y + self.bias
+    def forward(self, x: torch.Tensor, gated: bool = False, reduce: bool = True) -> torch.Tensor:
+        """gated: x is [gate | up] of the MLP, and the input is silu(gate) * up (ops.linear).
+        reduce=False: this rank's partial sum, which the caller all-reduces (utils/partial_sums.py)."""
+        y = self.ops.linear(x, self.weight, gated)
+        if self.bias is not None and self.tp.rank == 0:  # in the sum once, not once per rank
+            y = y + self.bias
+        return self.tp.all_reduce(y) if reduce else y

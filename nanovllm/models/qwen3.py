@@ -9,6 +9,8 @@ from nanovllm.layers.ops import current_ops
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
+from nanovllm.utils.distributed import current_group
+from nanovllm.utils.partial_sums import PartialSums, run_reducing
 
 
 def rope_theta(config: PretrainedConfig) -> float:
@@ -35,7 +37,8 @@ class Qwen3Attention(nn.Module):
         self.ops = current_ops()
 
     def forward(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
-        """qkv: [N, (H + 2 Hkv) D], qkv_proj's product (the decoder layer runs it with the norm before it)."""
+        """qkv: [N, (H + 2 Hkv) D], qkv_proj's product (the decoder layer runs it with the norm before it)
+        -> [N, hidden], this rank's partial sum of o_proj (the decoder layer all-reduces it)."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], -1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -43,7 +46,7 @@ class Qwen3Attention(nn.Module):
         q = self.ops.qk_norm_rotate_store(positions, q, k, v, self.q_norm.weight, self.k_norm.weight,
                                           self.q_norm.eps, self.rotary_emb.cos_sin_cache, self.attn)
         o = self.attn(q)
-        return self.o_proj(o.flatten(1))
+        return self.o_proj(o.flatten(1), reduce=False)
 
 
 class Qwen3MLP(nn.Module):
@@ -64,13 +67,16 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual):
+    def partial_sums(self, positions, hidden, residual):
+        """The layer as a generator (utils/partial_sums.py): it yields the partial sums of its two
+        row-parallel projections and is sent their all-reduced sums; returns (hidden, residual)."""
         # Each norm runs with the projection after it: one kernel for a decode step of one or two
         # sequences on CUDA (ops.norm_linear).
         qkv, residual = self.input_layernorm.then(self.self_attn.qkv_proj, hidden, residual)
-        hidden = self.self_attn(positions, qkv)
+        hidden = yield self.self_attn(positions, qkv)
         gate_up, residual = self.post_attention_layernorm.then(self.mlp.gate_up_proj, hidden, residual)
-        return self.mlp.down_proj(gate_up, gated=True), residual
+        hidden = yield self.mlp.down_proj(gate_up, gated=True, reduce=False)
+        return hidden, residual
 
 
 class Qwen3Model(nn.Module):
@@ -80,10 +86,12 @@ class Qwen3Model(nn.Module):
         self.layers = nn.ModuleList([Qwen3DecoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
+    def partial_sums(self, input_ids: torch.Tensor, positions: torch.Tensor) -> PartialSums:
+        """The forward pass as a generator of partial sums (utils/partial_sums.py): the embedding's, then
+        each layer's; returns the hidden states."""
+        hidden, residual = (yield self.embed_tokens(input_ids, reduce=False)), None
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
+            hidden, residual = yield from layer.partial_sums(positions, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -100,6 +108,7 @@ class Qwen3ForCausalLM(nn.Module):
 
     def __init__(self, config: PretrainedConfig):
         super().__init__()
+        self.tp = current_group()
         self.model = Qwen3Model(config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
@@ -108,7 +117,10 @@ class Qwen3ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [N] -> hidden states [N, hidden]."""
-        return self.model(input_ids, positions)
+        return run_reducing(self.partial_sums(input_ids, positions), self.tp)
+
+    def partial_sums(self, input_ids: torch.Tensor, positions: torch.Tensor) -> PartialSums:
+        return self.model.partial_sums(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor | None:
         """hidden: [B, hidden] (one row per sampled sequence) -> [B, vocab] on rank 0 (None on the others);

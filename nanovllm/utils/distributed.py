@@ -40,6 +40,11 @@ class ParallelGroup:
             dist.all_reduce(x, group=self.group)
         return x
 
+    def all_reduce_async(self, x: torch.Tensor) -> "PendingSum":
+        """Queue the in-place all-reduce of x and return at once, on NCCL's stream (gloo: its thread);
+        world size > 1. Never the peer all-reduce, whose kernel runs on the current stream."""
+        return PendingSum(x, dist.all_reduce(x, group=self.group, async_op=True))
+
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """In place: every rank's x becomes rank src's. (The group is not registered with
         torch.distributed, which could not map src to a global rank: the group's own call.)"""
@@ -75,6 +80,17 @@ class ParallelGroup:
         if self.peer is not None:
             self.peer.abort()
         self.group.abort()
+
+
+@dataclass(frozen=True)
+class PendingSum:
+    tensor: torch.Tensor
+    work: "dist.Work"
+
+    def wait(self) -> torch.Tensor:
+        """The sum; on CUDA the current stream waits for it, the host does not."""
+        self.work.wait()
+        return self.tensor
 
 
 def open_store(rank: int, world_size: int, port: int = 0) -> dist.TCPStore:

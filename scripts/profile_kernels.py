@@ -1,7 +1,8 @@
 """GPU kernel time per decode step (torch profiler) at a few batch sizes, on random Qwen3 weights.
 With tensor parallelism it profiles rank 0's GPU, whose collectives (NCCL kernels) show among its kernels.
 It also prints how long the GPU ran no kernel at all per step, and between which kernels those gaps fell
-(a collective that waits for a slower rank counts as running, not as a gap).
+(a collective that waits for a slower rank counts as running, not as a gap), and how long rank 0's host
+was busy per step (not waiting for tokens): a host busy for a whole step is what the GPU waits for.
 
     python scripts/profile_kernels.py [--batch-sizes 1 64 256] [--context 512] [--shape qwen3-8b | --model DIR]
         [--tensor-parallel-size 2]
@@ -14,6 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.engine.model_runner import StepOutput
 from nanovllm.testing.checkpoints import make_benchmark_model
 
 
@@ -45,6 +47,17 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         llm = LLM(args.model or make_benchmark_model(tmp, args.shape), tensor_parallel_size=args.tensor_parallel_size)
     params = SamplingParams(temperature=0.6, max_tokens=10_000, ignore_eos=True)
+    waited = []  # seconds rank 0's host spent reading steps' tokens (waiting for the GPU)
+    read = StepOutput.read
+
+    def timed_read(output):
+        started = time.perf_counter()
+        try:
+            return read(output)
+        finally:
+            waited.append(time.perf_counter() - started)
+
+    StepOutput.read = timed_read
     for batch in args.batch_sizes:
         prompts = [[(i * 31 + j) % 10000 for j in range(args.context)] for i in range(batch)]
         seqs = llm.make_sequences(prompts, params)
@@ -55,11 +68,16 @@ def main():
         for _ in range(3):
             llm.step()
         torch.cuda.synchronize()
+        waited.clear()
         start = time.perf_counter()
         for _ in range(args.wall_steps):
             llm.step()
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) * 1e3 / args.wall_steps
+        # Rank 0's host waits for a step's tokens with the next step already queued: a host that waits
+        # little per step is what the GPU waits for.
+        print(f"\n== batch {batch}: rank 0's host waited for tokens {sum(waited) * 1e3 / args.wall_steps:.3f} "
+              f"ms/step, was busy {wall_ms - sum(waited) * 1e3 / args.wall_steps:.3f} ms/step")
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):
                 llm.step()

@@ -141,7 +141,7 @@ def check_race_slices(dtype: torch.dtype, device: str):
     for start, end in zip(bounds, bounds[1:]):
         tokens, scores = race_slice(logits[:, start:end], temperature, 1234, start, vocab)
         assert ((tokens >= start) & (tokens < end)).all()
-        pairs.append(torch.stack([scores.double(), tokens.double()], 1))
+        pairs.append(torch.stack([scores.float(), tokens.float()], 1))
     assert torch.equal(best_of_slices(torch.stack(pairs, 1)), whole)
     assert not torch.equal(race_slice(logits, temperature, 99, 0, vocab)[0], whole)  # the seed matters
 

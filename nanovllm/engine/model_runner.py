@@ -207,7 +207,7 @@ class ModelRunner:
         if self.group.world_size == 1 or is_prefill:
             return None, None
         settings = self.sampler.settings(seqs, self.config.eos_token_ids, self.model.lm_head.vocab_size, self.device)
-        return plan_shard_draw(settings, seqs, self.device), settings
+        return plan_shard_draw(settings, seqs, self.device, self.model.lm_head.vocab_size), settings
 
     def _share_sampled_ids(self) -> None:
         """Every rank's decode_inputs.sampled becomes rank 0's: the ids of the last decode step, the

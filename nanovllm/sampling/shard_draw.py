@@ -2,8 +2,11 @@
 
 Each rank's LM head holds a contiguous slice of the vocabulary. When a step needs nothing but the draw
 (temperature only: greedy rows and the exponential race of noise.py), every rank draws over its own
-slice and sends rank 0 one (score, token) pair per row, instead of its [B, V / N] logits (39 MB at 256
-rows of Qwen3-8B's vocabulary at two ranks); rank 0 keeps the pair with the highest score. The draws
+slice and shares one (score, token) pair per row, instead of sending rank 0 its [B, V / N] logits
+(39 MB at 256 rows of Qwen3-8B's vocabulary at two ranks); rank 0 keeps the pair with the highest score.
+The pairs are shared by an all-reduce of a board that each rank fills only in its own row: at two
+ranks of Qwen3-8B that is the peer all-reduce's few microseconds, where NCCL's gather cost some 80 us
+a step on 2 x H200, most of it outside the kernels (profile_kernels.py). The draws
 are the same: a greedy row's winner is the first maximum of the whole row (slices are in rank order,
 and among equal scores the lowest rank wins), and the race's noise for each token depends only on
 the shared seed, the row and the token (race_kernel.py).
@@ -22,6 +25,8 @@ from nanovllm.sampling.sampler import RACE_KERNEL_MIN_ROWS
 from nanovllm.utils.distributed import ParallelGroup
 from nanovllm.utils.transfer import to_device
 
+EXACT_FLOAT32_INTEGERS = 2 ** 24  # a (score, token) pair is two float32s
+
 
 @dataclass(frozen=True)
 class ShardDraw:
@@ -31,11 +36,13 @@ class ShardDraw:
     seed: int = 0
 
 
-def plan_shard_draw(batch: SamplingBatch, seqs: list[Sequence], device: torch.device) -> ShardDraw | None:
+def plan_shard_draw(batch: SamplingBatch, seqs: list[Sequence], device: torch.device,
+                    vocab_size: int) -> ShardDraw | None:
     """The draw for a decode step of seqs whose sampling settings are batch, or None when it needs the
     whole logits on rank 0: any control but temperature, or rows to sample on the CPU or fewer than
-    RACE_KERNEL_MIN_ROWS of them (where the sampler does not race either)."""
-    if not batch.only_temperature:
+    RACE_KERNEL_MIN_ROWS of them (where the sampler does not race either), or token ids that a
+    float32 does not hold exactly."""
+    if not batch.only_temperature or vocab_size > EXACT_FLOAT32_INTEGERS:
         return None
     if batch.all_greedy:
         return ShardDraw()
@@ -48,7 +55,7 @@ def plan_shard_draw(batch: SamplingBatch, seqs: list[Sequence], device: torch.de
 
 def draw_slice(logits: torch.Tensor, draw: ShardDraw, vocab_start: int, vocab_size: int) -> torch.Tensor:
     """logits: [B, S], tokens vocab_start.. of this rank's slice (columns past vocab_size are padding)
-    -> [B, 2] float64: each row's best score and its token."""
+    -> [B, 2] float32: each row's best score and its token."""
     logits = logits[:, :max(0, vocab_size - vocab_start)]
     if draw.temperature is None:
         columns = logits.argmax(-1)  # the first of equal maxima
@@ -58,8 +65,7 @@ def draw_slice(logits: torch.Tensor, draw: ShardDraw, vocab_start: int, vocab_si
 
         temperature = to_device(draw.temperature, torch.float32, logits.device)
         tokens, scores = race_slice(logits, temperature, draw.seed, vocab_start, vocab_size)
-    # float64 holds a float32 score and a token id (< 2**53) exactly.
-    return torch.stack([scores.double(), tokens.double()], 1)
+    return torch.stack([scores.float(), tokens.float()], 1)
 
 
 def best_of_slices(pairs: torch.Tensor) -> torch.Tensor:
@@ -74,8 +80,10 @@ def draw_on_shards(logits: torch.Tensor, draw: ShardDraw, head: ParallelLMHead,
     """Every rank together: logits [B, S] this rank's slice (head.forward(hidden, gather=False)) -> the
     drawn token ids [B] int64 on rank 0, None on the others."""
     pairs = draw_slice(logits, draw, head.vocab_start, head.vocab_size)
-    gathered = group.gather(pairs, dim=1)  # [B, 2N] on rank 0
-    return None if gathered is None else best_of_slices(gathered.view(len(gathered), group.world_size, 2))
+    board = torch.zeros(group.world_size, *pairs.shape, dtype=pairs.dtype, device=pairs.device)  # [N, B, 2]
+    board[group.rank] = pairs
+    group.all_reduce(board)  # x + 0 is x: every rank's pairs, exactly, on every rank
+    return best_of_slices(board.transpose(0, 1)) if group.rank == 0 else None
 
 
 def compile_shard_draw(head: ParallelLMHead, dtype: torch.dtype, device: torch.device) -> None:

@@ -191,7 +191,7 @@ def test_decode_launch_keeps_more_in_flight_only_for_few_programs():
 
     sms = 132  # an H100 / H200
     assert choose_launch(64, 4, 1, sms) is FEW_PROGRAMS_LAUNCH  # 256 programs: Qwen3-8B's 64 rows at TP=2
-    assert choose_launch(128, 4, 1, sms) is DEFAULT_LAUNCH  # 512 programs
+    assert choose_launch(96, 4, 1, sms) is DEFAULT_LAUNCH  # 384 programs, 2.9 per SM
     assert choose_launch(64, 8, 1, sms) is DEFAULT_LAUNCH  # the same rows at TP=1
     assert choose_launch(16, 4, 8, sms) is DEFAULT_LAUNCH  # split: the splits fill the SMs
 

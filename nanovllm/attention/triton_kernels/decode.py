@@ -37,12 +37,13 @@ class DecodeLaunch:
 # The block-table lookup takes a pipeline stage ahead of each K/V load, so Triton keeps
 # (num_stages - 1) // 2 K/V tiles in flight. With 4 or more programs per SM (H200, probe_attention.py),
 # 3, 5 or 7 stages and 8-32 KB tiles were all within a few percent: concurrent programs on each SM hide
-# the latency. With fewer (unsplit batches of 1-3 programs per SM, such as 64 sequences x 4 KV heads at
-# TP=2), each program must keep more bytes in flight: 32 KB tiles over 8 warps read 64 x 512 tokens at
-# 74% of copy bandwidth instead of 59%, while at 128 x 512 the default's 85% beat them (78%).
+# the latency. With 1-2 programs per SM (unsplit batches such as 33-65 sequences x 4 KV heads at TP=2),
+# each program must keep more bytes in flight: 32 KB tiles over 8 warps read 64 x 512 tokens at 74% of
+# copy bandwidth instead of 60%, 40 x 512 at 54% instead of 41%, 64 x 1024 at 83% instead of 68%. At
+# 2.9 programs per SM (96 x 512) they lost (69% against 74%), and at 3.9 (128 x 512: 78% against 85%).
 DEFAULT_LAUNCH = DecodeLaunch(tile_bytes=16384, num_warps=4, num_stages=3)
 FEW_PROGRAMS_LAUNCH = DecodeLaunch(tile_bytes=32768, num_warps=8, num_stages=3)
-FEW_PROGRAMS_PER_SM = 3  # below this many programs per SM (unsplit), FEW_PROGRAMS_LAUNCH
+FEW_PROGRAMS_PER_SM = 2  # below this many programs per SM (unsplit), FEW_PROGRAMS_LAUNCH
 # Split until the grid holds up to this many programs per SM, one wave: measured at 8 x 4000 tokens,
 # 512 programs read at 80% of copy bandwidth and 576 (a second, nearly empty wave) at 65%.
 PROGRAMS_PER_SM = 4

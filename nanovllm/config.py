@@ -63,6 +63,10 @@ def load_hf_config(path: str) -> PretrainedConfig:
     return AutoConfig.from_pretrained(path, trust_remote_code=False)
 
 
+# Ranks share token ids as float32 (sampled ids, draws on vocabulary slices), exact up to 2^24.
+MAX_PARALLEL_VOCAB = 2 ** 24
+
+
 @dataclass
 class Config:
     """Engine configuration; every field is validated up front, "auto" values resolved once."""
@@ -132,6 +136,9 @@ class Config:
         if heads % tp or kv_heads % tp:
             raise ValueError(f"tensor_parallel_size={tp} must divide num_attention_heads={heads} "
                              f"and num_key_value_heads={kv_heads}")
+        if tp > 1 and self.hf_config.vocab_size > MAX_PARALLEL_VOCAB:
+            raise ValueError(f"tensor_parallel_size={tp} needs a vocab_size of at most {MAX_PARALLEL_VOCAB}, "
+                             f"got {self.hf_config.vocab_size}")
 
     def _eos_token_ids(self) -> tuple[int, ...]:
         # The model config names one eos; generation_config.json may add more (Qwen3 adds <|endoftext|>).

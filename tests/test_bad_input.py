@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 from dataclasses import MISSING, fields
 from types import SimpleNamespace
 
@@ -67,6 +68,7 @@ CONFIG_ROWS = [(name, value, error) for name, kind in CONFIG_TYPES.items()
     ("kvcache_block_size", 8, ValueError),
     ("kvcache_block_size", 24, ValueError),
     ("kvcache_block_size", -16, ValueError),
+    ("prefill_overlap_tokens", -1, ValueError),
     ("num_kvcache_blocks", 0, ValueError),
     ("num_kvcache_blocks", -2, ValueError),
     ("device", "tpu", ValueError),
@@ -137,6 +139,16 @@ MODEL_DIRS = {
                          ValueError, "architectures=None"),
     "config not json": ("{not json", lambda w: w, {}, ValueError, "not valid JSON"),
 }
+
+
+def test_tensor_parallel_vocabulary_above_float32_integers(tiny_model, tmp_path, no_model_work):
+    # Ranks share token ids as float32: a larger vocabulary is refused before any weight is read.
+    with open(os.path.join(tiny_model, "config.json")) as f:
+        config = json.load(f) | {"vocab_size": 2 ** 24 + 1}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shutil.copy(os.path.join(tiny_model, "model.safetensors"), tmp_path)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 needs a vocab_size of at most 16777216"):
+        LLM(str(tmp_path), **(ENGINE | {"tensor_parallel_size": 2}))
 
 
 @pytest.mark.parametrize("case", MODEL_DIRS)

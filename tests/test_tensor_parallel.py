@@ -140,9 +140,9 @@ RACE_ON_SLICES = textwrap.dedent("""
     from nanovllm.engine import model_runner
     from nanovllm.sampling.shard_draw import ShardDraw, plan_shard_draw
 
-    def race_plan(batch, seqs, device, vocab_size):
+    def race_plan(batch, seqs, device):
         if batch.all_greedy:
-            return plan_shard_draw(batch, seqs, device, vocab_size)
+            return plan_shard_draw(batch, seqs, device)
         return ShardDraw([seq.sampling_params.temperature for seq in seqs], int(torch.randint(0, 2**31 - 1, ())))
 
     model_runner.plan_shard_draw = race_plan

@@ -207,16 +207,18 @@ class ModelRunner:
         if self.group.world_size == 1 or is_prefill:
             return None, None
         settings = self.sampler.settings(seqs, self.config.eos_token_ids, self.model.lm_head.vocab_size, self.device)
-        return plan_shard_draw(settings, seqs, self.device, self.model.lm_head.vocab_size), settings
+        return plan_shard_draw(settings, seqs, self.device), settings
 
     def _share_sampled_ids(self) -> None:
         """Every rank's decode_inputs.sampled becomes rank 0's: the ids of the last decode step, the
         input ids of a step scheduled ahead (all of whose sequences end with a placeholder). The
-        other ranks hold one id per row of their last decode batch, as rank 0 sampled."""
-        if self.group.rank > 0:
-            self.decode_inputs.sampled = torch.empty(len(self.decode_inputs.seq_ids), dtype=torch.int64,
-                                                     device=self.device)
-        self.group.broadcast(self.decode_inputs.sampled, src=0)
+        other ranks hold one id per row of their last decode batch, as rank 0 sampled. They arrive by
+        an all-reduce to which the others add zeros, in float32 (exact below MAX_PARALLEL_VOCAB): at
+        two ranks the peer all-reduce's kernel, not a NCCL broadcast and its host-side launch."""
+        ids = torch.zeros(len(self.decode_inputs.seq_ids), dtype=torch.float32, device=self.device)
+        if self.group.rank == 0:
+            ids.copy_(self.decode_inputs.sampled)
+        self.decode_inputs.sampled = self.group.all_reduce(ids).long()
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool, draw: ShardDraw | None = None,

@@ -25,8 +25,6 @@ from nanovllm.sampling.sampler import RACE_KERNEL_MIN_ROWS
 from nanovllm.utils.distributed import ParallelGroup
 from nanovllm.utils.transfer import to_device
 
-EXACT_FLOAT32_INTEGERS = 2 ** 24  # a (score, token) pair is two float32s
-
 
 @dataclass(frozen=True)
 class ShardDraw:
@@ -36,13 +34,11 @@ class ShardDraw:
     seed: int = 0
 
 
-def plan_shard_draw(batch: SamplingBatch, seqs: list[Sequence], device: torch.device,
-                    vocab_size: int) -> ShardDraw | None:
+def plan_shard_draw(batch: SamplingBatch, seqs: list[Sequence], device: torch.device) -> ShardDraw | None:
     """The draw for a decode step of seqs whose sampling settings are batch, or None when it needs the
     whole logits on rank 0: any control but temperature, or rows to sample on the CPU or fewer than
-    RACE_KERNEL_MIN_ROWS of them (where the sampler does not race either), or token ids that a
-    float32 does not hold exactly."""
-    if not batch.only_temperature or vocab_size > EXACT_FLOAT32_INTEGERS:
+    RACE_KERNEL_MIN_ROWS of them (where the sampler does not race either)."""
+    if not batch.only_temperature:
         return None
     if batch.all_greedy:
         return ShardDraw()
@@ -55,7 +51,8 @@ def plan_shard_draw(batch: SamplingBatch, seqs: list[Sequence], device: torch.de
 
 def draw_slice(logits: torch.Tensor, draw: ShardDraw, vocab_start: int, vocab_size: int) -> torch.Tensor:
     """logits: [B, S], tokens vocab_start.. of this rank's slice (columns past vocab_size are padding)
-    -> [B, 2] float32: each row's best score and its token."""
+    -> [B, 2] float32: each row's best score and its token (exact: Config caps a tensor-parallel
+    vocabulary at MAX_PARALLEL_VOCAB)."""
     logits = logits[:, :max(0, vocab_size - vocab_start)]
     if draw.temperature is None:
         columns = logits.argmax(-1)  # the first of equal maxima

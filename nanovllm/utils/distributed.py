@@ -45,13 +45,6 @@ class ParallelGroup:
         world size > 1. Never the peer all-reduce, whose kernel runs on the current stream."""
         return PendingSum(x, dist.all_reduce(x, group=self.group, async_op=True))
 
-    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """In place: every rank's x becomes rank src's. (The group is not registered with
-        torch.distributed, which could not map src to a global rank: the group's own call.)"""
-        if self.world_size > 1:
-            self.group.broadcast(x, src).wait()  # on CUDA, the wait orders the current stream
-        return x
-
     def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor | None:
         """Every rank's x concatenated along dim, on rank 0; None on the other ranks."""
         if self.world_size == 1:

@@ -114,6 +114,32 @@ def _peer_all_reduce_rank(rank: int, port: int) -> None:
         torch.testing.assert_close(got, expected)  # a stale slot or a missing addend is off by O(1)
         same_on_both_ranks(got)
 
+    # The all-reduce with the decoder's add and RMSNorm after it (all_reduce_norm) against NCCL's sum and
+    # the eager ops; with and without a residual, more rows than programs, and plain all-reduces of other
+    # sizes in between (the two kernels share each chunk's epoch: a mismatch would hang or read stale data).
+    from nanovllm.layers.ops import add_rms_norm, rms_norm
+
+    def same_on_all(shape, seed: int) -> torch.Tensor:  # residuals and norm weights are alike on every rank
+        generator = torch.Generator(device).manual_seed(1000 + seed)
+        return torch.randn(shape, generator=generator, device=device).to(torch.bfloat16)
+
+    hidden, eps = 4096, 1e-6
+    weight = same_on_all(hidden, 0)
+    assert not group.peer.fits_norm(both_ranks(2 * hidden, torch.bfloat16, 0).view(2, hidden), None, weight)
+    assert not group.peer.fits_norm(both_ranks(8 * 1024, torch.bfloat16, 0).view(8, 1024), None, weight[:1024])
+    for seed, (rows, has_residual) in enumerate([(3, False), (3, True), (64, True), (257, True), (300, False)]):
+        x = both_ranks(rows * hidden, torch.bfloat16, 200 + seed).view(rows, hidden)
+        residual = same_on_all((rows, hidden), seed) if has_residual else None
+        assert group.peer.fits_norm(x, residual, weight)
+        total = nccl_sum(x)
+        expected = add_rms_norm(total, residual, weight, eps) if has_residual else (rms_norm(total, weight, eps), total)
+        normed, new_residual = group.peer.all_reduce_norm(x, residual, weight, eps)
+        torch.testing.assert_close(new_residual, expected[1])
+        torch.testing.assert_close(normed, expected[0])
+        same_on_both_ranks(normed)
+        plain = both_ranks(1000 + 2 * seed, torch.bfloat16, 300 + seed)
+        torch.testing.assert_close(group.peer.all_reduce(plain.clone()), nccl_sum(plain))
+
     # In a CUDA graph, replayed many times on new inputs, as decoding does: one row of Qwen3-8B's hidden
     # states, 8 rows, 256 rows (2 MB).
     static = torch.empty(256 * 4096, dtype=torch.bfloat16, device=device)
@@ -129,6 +155,25 @@ def _peer_all_reduce_rank(rank: int, port: int) -> None:
         graph.replay()
         for size, out in zip(sizes, outputs):
             torch.testing.assert_close(out, expected[:size])
+
+    # all_reduce_norm in a graph, between plain all-reduces, as a decode step of 64 rows runs it.
+    rows = 64
+    static_x, static_residual = static[:rows * hidden].view(rows, hidden), same_on_all((rows, hidden), 9)
+    group.peer.all_reduce_norm(static_x, static_residual, weight, eps)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        before = group.peer.all_reduce(static_x.clone())
+        normed, new_residual = group.peer.all_reduce_norm(static_x, static_residual, weight, eps)
+        after = group.peer.all_reduce(static[:8 * hidden].clone())
+    for replay in range(20):
+        static.copy_(both_ranks(static.numel(), torch.bfloat16, 400 + replay))
+        total = nccl_sum(static_x)
+        expected_normed, expected_residual = add_rms_norm(total, static_residual, weight, eps)
+        graph.replay()
+        torch.testing.assert_close(before, total)
+        torch.testing.assert_close(new_residual, expected_residual)
+        torch.testing.assert_close(normed, expected_normed)
+        torch.testing.assert_close(after, nccl_sum(static[:8 * hidden]))
 
     # A rank that never arrives: abort() releases the waiting rank within moments.
     torch.cuda.synchronize(device)

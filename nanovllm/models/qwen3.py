@@ -7,10 +7,11 @@ from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.ops import current_ops
 from nanovllm.layers.layernorm import RMSNorm
-from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nanovllm.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
+                                    RowParallelLinear)
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
 from nanovllm.utils.distributed import current_group
-from nanovllm.utils.partial_sums import PartialSums, run_reducing
+from nanovllm.utils.partial_sums import PartialSum, PartialSums, run_reducing
 
 
 def rope_theta(config: PretrainedConfig) -> float:
@@ -37,8 +38,8 @@ class Qwen3Attention(nn.Module):
         self.ops = current_ops()
 
     def forward(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
-        """qkv: [N, (H + 2 Hkv) D], qkv_proj's product (the decoder layer runs it with the norm before it)
-        -> [N, hidden], this rank's partial sum of o_proj (the decoder layer all-reduces it)."""
+        """qkv: [N, (H + 2 Hkv) D], qkv_proj's product (run with the norm before it where the partial sum
+        before it is completed, utils/partial_sums.py) -> [N, hidden], this rank's partial sum of o_proj."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], -1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -50,7 +51,7 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3MLP(nn.Module):
-    """The MLP's weights; the decoder layer runs gate_up_proj with the norm before it, and down_proj
+    """The MLP's weights; gate_up_proj runs with the norm before it (utils/partial_sums.py), and down_proj
     applies the SiLU-and-multiply activation to [gate | up] itself, fused where it can."""
 
     def __init__(self, config: PretrainedConfig):
@@ -67,16 +68,17 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def partial_sums(self, positions, hidden, residual):
-        """The layer as a generator (utils/partial_sums.py): it yields the partial sums of its two
-        row-parallel projections and is sent their all-reduced sums; returns (hidden, residual)."""
-        # Each norm runs with the projection after it: one kernel for a decode step of one or two
-        # sequences on CUDA (ops.norm_linear).
-        qkv, residual = self.input_layernorm.then(self.self_attn.qkv_proj, hidden, residual)
-        hidden = yield self.self_attn(positions, qkv)
-        gate_up, residual = self.post_attention_layernorm.then(self.mlp.gate_up_proj, hidden, residual)
-        hidden = yield self.mlp.down_proj(gate_up, gated=True, reduce=False)
-        return hidden, residual
+    def partial_sums(self, positions: torch.Tensor, qkv: torch.Tensor, residual: torch.Tensor,
+                     next_norm: RMSNorm, next_linear: ColumnParallelLinear | None):
+        """The layer from its qkv product (qkv_proj of its normed input) as a generator
+        (utils/partial_sums.py): it yields its two row-parallel partial sums, each with the norm and
+        column-parallel projection that follow it: its own MLP's, then next_norm and next_linear (the
+        next layer's input norm and qkv_proj; the final norm and None). Returns (next_linear's
+        product, or the final norm's output, and the residual)."""
+        partial = self.self_attn(positions, qkv)
+        gate_up, residual = yield PartialSum(partial, residual, self.post_attention_layernorm, self.mlp.gate_up_proj)
+        partial = self.mlp.down_proj(gate_up, gated=True, reduce=False)
+        return (yield PartialSum(partial, residual, next_norm, next_linear))
 
 
 class Qwen3Model(nn.Module):
@@ -88,12 +90,15 @@ class Qwen3Model(nn.Module):
 
     def partial_sums(self, input_ids: torch.Tensor, positions: torch.Tensor) -> PartialSums:
         """The forward pass as a generator of partial sums (utils/partial_sums.py): the embedding's, then
-        each layer's; returns the hidden states."""
-        hidden, residual = (yield self.embed_tokens(input_ids, reduce=False)), None
-        for layer in self.layers:
-            hidden, residual = yield from layer.partial_sums(positions, hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        each layer's; returns the hidden states after the final norm."""
+        first = self.layers[0]
+        x, residual = yield PartialSum(self.embed_tokens(input_ids, reduce=False), None, first.input_layernorm,
+                                       first.self_attn.qkv_proj)
+        for layer, following in zip(self.layers, [*self.layers[1:], None]):
+            norm, linear = (self.norm, None) if following is None else \
+                (following.input_layernorm, following.self_attn.qkv_proj)
+            x, residual = yield from layer.partial_sums(positions, x, residual, norm, linear)
+        return x
 
 
 class Qwen3ForCausalLM(nn.Module):

@@ -1,35 +1,72 @@
 """Running a model written as a generator of partial sums.
 
 A tensor-parallel forward pass stops at the embedding and at each row-parallel projection: there every
-rank holds a partial sum that an all-reduce completes. Qwen3Model.partial_sums is that pass as a
-generator: it yields each partial sum and is sent back the complete one. The same code then runs two ways:
+rank holds a partial sum that an all-reduce completes, and what follows is always the same: the residual
+add, an RMSNorm, and the next column-parallel projection. Qwen3Model.partial_sums is that pass as a
+generator: it yields a PartialSum (the partial sum and what follows it) and is sent what follows's
+result. The same code then runs two ways:
 
 - run_reducing: one batch, each all-reduce in turn (ParallelGroup.all_reduce: peer memory or NCCL, a
-  no-op at one rank). Decode steps, and their CUDA graphs, run this way.
+  no-op at one rank). At two or more GPUs the peer all-reduce also does the add and the norm in its
+  kernel (PeerAllReduce.all_reduce_norm) from 3 rows; at fewer the norm runs in the GEMV's kernel
+  (ops.norm_linear). Decode steps, and their CUDA graphs, run this way.
 - run_overlapped: a tensor-parallel prefill step split into micro-batches. Each partial sum's all-reduce
   is queued on the collective's own stream (NCCL; gloo: its own thread), and the next micro-batch
   computes meanwhile; a micro-batch waits for its sum only when it resumes. A 16K-token prefill step of
   Qwen3-8B at TP=2 runs 73 NCCL all-reduces of 128 MB, about 0.5 ms each on 2 x H200, some 15% of the
-  step: overlapped, they hide behind the other micro-batch's matrix products.
+  step (overlapped: 2.11 -> 2.00 s of the benchmark's prefill, BENCHMARKS.md).
 """
 from collections import deque
 from collections.abc import Generator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from nanovllm.utils.context import AttentionMetadata, set_context
 from nanovllm.utils.distributed import ParallelGroup
 
-# Yields partial sums, is sent their all-reduced sums, returns the pass's result.
-PartialSums = Generator[torch.Tensor, torch.Tensor, torch.Tensor]
+if TYPE_CHECKING:
+    from nanovllm.layers.layernorm import RMSNorm
+    from nanovllm.layers.linear import ColumnParallelLinear
+
+
+@dataclass
+class PartialSum:
+    """A partial sum, and what follows its all-reduce: (linear(norm(total + residual)), total + residual);
+    residual None: (linear(norm(total)), total); linear None (after the last layer): the norm alone."""
+    partial: torch.Tensor  # [N, hidden]
+    residual: torch.Tensor | None
+    norm: "RMSNorm"
+    linear: "ColumnParallelLinear | None"
+
+    def then(self, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What follows, given the all-reduced total; the norm in the product's kernel where the device
+        has one (ops.norm_linear)."""
+        if self.linear is None:
+            return self.norm(total, self.residual)
+        return self.norm.then(self.linear, total, self.residual)
+
+    def reduced(self, group: ParallelGroup) -> tuple[torch.Tensor, torch.Tensor]:
+        """All-reduce, then what follows: the all-reduce, add and norm in one kernel where the peer
+        all-reduce takes them."""
+        peer, norm = group.peer, self.norm
+        if peer is not None and peer.fits_norm(self.partial, self.residual, norm.weight):
+            normed, residual = peer.all_reduce_norm(self.partial, self.residual, norm.weight, norm.eps)
+            return (normed if self.linear is None else self.linear(normed)), residual
+        return self.then(group.all_reduce(self.partial))
+
+
+# Yields partial sums, is sent what follows each, returns the pass's result.
+PartialSums = Generator[PartialSum, tuple[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def run_reducing(steps: PartialSums, group: ParallelGroup) -> torch.Tensor:
     """Run steps, all-reducing each partial sum before it resumes; returns its result."""
     try:
-        partial = next(steps)
+        request = next(steps)
         while True:
-            partial = steps.send(group.all_reduce(partial))
+            request = steps.send(request.reduced(group))
     except StopIteration as done:
         return done.value
 
@@ -41,15 +78,19 @@ def run_overlapped(micro_batches: list[tuple[PartialSums, AttentionMetadata]],
     Every rank must pass the same micro-batches in the same order, so that their collectives match."""
     results: list[torch.Tensor | None] = [None] * len(micro_batches)
     queue = deque()
+
+    def queue_all_reduce(index: int, request: PartialSum) -> None:
+        queue.append((index, request, group.all_reduce_async(request.partial)))
+
     for index, (steps, meta) in enumerate(micro_batches):
         set_context(meta)
-        queue.append((index, group.all_reduce_async(next(steps))))
+        queue_all_reduce(index, next(steps))
     while queue:
-        index, pending = queue.popleft()
+        index, request, pending = queue.popleft()
         steps, meta = micro_batches[index]
         set_context(meta)
         try:
-            queue.append((index, group.all_reduce_async(steps.send(pending.wait()))))
+            queue_all_reduce(index, steps.send(request.then(pending.wait())))
         except StopIteration as done:
             results[index] = done.value
     return results

@@ -50,6 +50,8 @@ BLOCK = 1024  # 4-byte words per chunk
 MAX_GRID = 256  # programs; each loops over its chunks
 BUFFER_BYTES = 16 * 2**20  # receive slots of one rank: 2 epochs x (world - 1) peers x max_words x 8 bytes
 MAX_WORLD = 8
+# all_reduce_norm from this many rows: below, the norm is folded into the GEMV after it (ops.norm_linear).
+FUSED_NORM_MIN_ROWS = 3
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # how a word holds its elements
 
 
@@ -94,6 +96,15 @@ def _to_words(lo, hi, KIND: tl.constexpr):
     low = lo.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 65535
     high = hi.to(dtype).to(tl.int16, bitcast=True).to(tl.int32)
     return low | (high << 16)
+
+
+@triton.jit
+def _rounded(lo, hi, KIND: tl.constexpr):
+    """float32 values rounded to the message's dtype (and back), as a tensor of that dtype holds them."""
+    if KIND == 0:
+        return lo, hi
+    dtype: tl.constexpr = tl.bfloat16 if KIND == 1 else tl.float16
+    return lo.to(dtype).to(tl.float32), hi.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -161,6 +172,73 @@ def _peer_all_reduce_kernel(x_ptr, out_ptr, num_words, addresses_ptr, rank, time
         tl.store(control, 1)
 
 
+@triton.jit(do_not_specialize=["num_rows", "rank"])
+def _peer_all_reduce_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, num_rows,
+                                 addresses_ptr, rank, timeout_ns, eps, HAS_RESIDUAL: tl.constexpr,
+                                 WORLD: tl.constexpr, KIND: tl.constexpr, ROW_CHUNKS: tl.constexpr,
+                                 BLOCK: tl.constexpr, SLOT_BYTES: tl.constexpr, CONTROL_BYTES: tl.constexpr,
+                                 PDL: tl.constexpr):
+    """The all-reduce of _peer_all_reduce_kernel, a program per row of ROW_CHUNKS chunks (the plain
+    kernel's chunks, with their epochs), then the decoder's add and RMSNorm: residual_out = sum +
+    residual (sum without one), out = rms_norm(residual_out) * weight, rounded to the dtype where the
+    unfused ops round. x_ptr, residual_ptr, out_ptr, residual_out_ptr: int32 [num_rows, ROW_CHUNKS *
+    BLOCK]; weight_ptr: int32 [ROW_CHUNKS * BLOCK]; 16-bit elements (KIND 1 or 2)."""
+    release_next(PDL)
+    wait_for_previous(PDL)
+    own = tl.load(addresses_ptr + rank)
+    control = (own + CONTROL_BYTES).to(tl.pointer_type(tl.int32))
+    # A row as [chunk, word]: each chunk's epoch is constant along its words, so stores stay vectorized.
+    chunks = tl.arange(0, ROW_CHUNKS)[:, None]
+    offsets = chunks * BLOCK + tl.arange(0, BLOCK)[None, :]  # [ROW_CHUNKS, BLOCK]
+
+    for row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
+        words = row * ROW_CHUNKS * BLOCK + offsets
+        epoch = tl.load(control + 1 + row * ROW_CHUNKS + chunks) + 1  # [ROW_CHUNKS, 1]
+        packed = (epoch.to(tl.int64) << 32) | (tl.load(x_ptr + words).to(tl.int64) & 0xFFFFFFFF)
+        for peer in tl.static_range(WORLD):
+            if peer != rank:
+                tl.store(_slot(tl.load(addresses_ptr + peer), rank, peer, epoch, SLOT_BYTES) + words, packed)
+
+    zeros = tl.zeros([ROW_CHUNKS, BLOCK], tl.float32)
+    weight_lo, weight_hi = _add_words(zeros, zeros, tl.load(weight_ptr + offsets), KIND)
+    host_abort = tl.load(addresses_ptr + WORLD).to(tl.pointer_type(tl.int32))
+    aborted = tl.load(control, volatile=True) != 0
+    deadline = tl.extra.cuda.globaltimer() + timeout_ns
+    for row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
+        words = row * ROW_CHUNKS * BLOCK + offsets
+        epoch_ptr = control + 1 + row * ROW_CHUNKS + chunks
+        epoch = tl.load(epoch_ptr) + 1
+        lo, hi = zeros, zeros
+        for peer in tl.static_range(WORLD):
+            if peer == rank:
+                received = tl.load(x_ptr + words)
+            else:
+                slot = _slot(own, peer, rank, epoch, SLOT_BYTES) + words
+                packed = tl.load(slot, volatile=True)
+                spins = 0
+                while (tl.max(tl.max((packed >> 32).to(tl.int32) != epoch, 1), 0) != 0) & ~aborted:
+                    spins += 1
+                    if spins % 256 == 0:
+                        aborted = aborted | (tl.load(host_abort, volatile=True) != 0)
+                        if tl.extra.cuda.globaltimer() > deadline:
+                            _trap()
+                    _pause()
+                    packed = tl.load(slot, volatile=True)
+                received = packed.to(tl.int32)
+            lo, hi = _add_words(lo, hi, received, KIND)
+        lo, hi = _rounded(lo, hi, KIND)  # the all-reduce's result
+        if HAS_RESIDUAL:
+            lo, hi = _rounded(*_add_words(lo, hi, tl.load(residual_ptr + words), KIND), KIND)
+        tl.store(residual_out_ptr + words, _to_words(lo, hi, KIND))
+        squares = tl.sum(tl.sum(lo * lo + hi * hi, 1), 0)
+        rstd = 1.0 / tl.sqrt(squares / (2 * ROW_CHUNKS * BLOCK) + eps)
+        lo, hi = _rounded(lo * rstd, hi * rstd, KIND)
+        tl.store(out_ptr + words, _to_words(lo * weight_lo, hi * weight_hi, KIND))
+        tl.store(epoch_ptr, epoch)
+    if aborted:
+        tl.store(control, 1)
+
+
 def peer_all_reduce_wanted(device: torch.device, world_size: int) -> bool:
     """Whether a CUDA group should set up the peer all-reduce: every pair of its GPUs can map each
     other's memory (NVLink or PCIe peer access), at most MAX_WORLD ranks, and NANOVLLM_PEER_ALL_REDUCE
@@ -183,6 +261,7 @@ class PeerAllReduce:
         self._opened: list[int] = []
         self._host_abort = torch.zeros(1, dtype=torch.int32, pin_memory=True)  # read by the GPU (UVA)
         self.max_words = max_words(world_size)
+        self.fuses_norm = os.environ.get("NANOVLLM_FUSED_NORM", "1") != "0"  # all_reduce_norm's kernel
         self._slot_bytes = self.max_words * 8
         self._control_bytes = 2 * (world_size - 1) * self._slot_bytes
         control_words = 1 + self.max_words // BLOCK  # [aborted, epoch of each chunk...]
@@ -223,6 +302,33 @@ class PeerAllReduce:
             PDL=pdl, num_warps=4, launch_pdl=pdl,
         )
         return x
+
+    def fits_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
+        """Whether all_reduce_norm takes x [rows, hidden]: 16-bit, fits, at least FUSED_NORM_MIN_ROWS
+        rows of a power-of-two number of words that chunks divide, residual and weight alike."""
+        row_words = x.shape[-1] // 2
+        return (self.fuses_norm and x.dim() == 2 and x.shape[0] >= FUSED_NORM_MIN_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+                and self.fits(x) and row_words >= BLOCK and row_words & (row_words - 1) == 0
+                and weight.dtype == x.dtype and weight.is_contiguous() and weight.shape == x.shape[-1:]
+                and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
+                                          and residual.is_contiguous())))
+
+    def all_reduce_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [rows, hidden] this rank's partial sum -> (rms_norm(total + residual) * weight, total +
+        residual) as new tensors, total being the sum over the ranks (residual None: norm(total), total):
+        the all-reduce and the decoder's add and RMSNorm in one kernel. x must fit (see fits_norm)."""
+        pdl = pdl_enabled(x.device)
+        out, residual_out = torch.empty_like(x), torch.empty_like(x)
+        as_words = lambda t: t.view(torch.int32)  # noqa: E731  [..., hidden / 2]
+        _peer_all_reduce_norm_kernel[(min(x.shape[0], MAX_GRID),)](
+            as_words(x), as_words(x if residual is None else residual), as_words(weight), as_words(out),
+            as_words(residual_out), x.shape[0], self._addresses, self.rank, self.timeout_ns, eps,
+            HAS_RESIDUAL=residual is not None, WORLD=self.world_size, KIND=_KINDS[x.dtype],
+            ROW_CHUNKS=x.shape[-1] // 2 // BLOCK, BLOCK=BLOCK, SLOT_BYTES=self._slot_bytes, CONTROL_BYTES=self._control_bytes,
+            PDL=pdl, num_warps=8, launch_pdl=pdl,
+        )
+        return out, residual_out
 
     def abort(self) -> None:
         """Release every all-reduce waiting on this rank now and for good (their results are garbage);

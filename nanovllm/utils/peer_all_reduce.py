@@ -13,15 +13,20 @@ No flag tells a reader that a chunk has arrived, and so no memory fence orders d
 kernel this one replaced waited on per-chunk flags raised with system-scope release stores; it took 5 us
 at 16 chunks but 955 us at 2 MB, for reasons never established.) Instead, as in NCCL's low-latency
 protocol, every 8-byte word a rank pushes carries 4 bytes of data (two 16-bit elements or one float32)
-and, in its upper half, the epoch of the push. An 8-byte store is seen whole or not at all, so a reader that sees the current
-epoch in a word also sees that word's data. This doubles the bytes on the link, and still beats NCCL
-up to 2 MB (17.5 against 30 us on 2 x H200; equal at 4 MB).
+and, in its upper half, the epoch of the push. An 8-byte store is seen whole or not at all, so a
+reader that sees the current epoch in a word also sees that word's data. This doubles the bytes on
+the link, and still beats NCCL up to 2 MB (17.5 against 30 us on 2 x H200; equal at 4 MB).
 
 Epochs count the all-reduces of each chunk on each rank's own device, so the kernel can be captured in
 a CUDA graph and replayed. Receive buffers alternate between two slots by epoch: a rank may push epoch
 e + 1 while a slower peer still reads epoch e, but not e + 2 before that peer has read e (it waits for
 the peer's e + 1 first). Every program pushes all its chunks before it waits for any, so no program
 waits for one that is itself waiting.
+
+A second kernel (all_reduce_norm) takes a program per row and, once a row is summed, also does what a
+decoder layer does next: the residual add and the RMSNorm, saving their kernel (utils/partial_sums.py).
+It pushes and polls the same chunks with the same epochs, so the two kernels may follow each other in
+any order.
 
 A waiting kernel cannot be cancelled like a NCCL collective, so it also watches a flag in pinned host
 memory: `abort()` (a worker died) releases every waiting kernel at once, and the engine raises. A wait
@@ -307,8 +312,9 @@ class PeerAllReduce:
         """Whether all_reduce_norm takes x [rows, hidden]: 16-bit, fits, at least FUSED_NORM_MIN_ROWS
         rows of a power-of-two number of words that chunks divide, residual and weight alike."""
         row_words = x.shape[-1] // 2
-        return (self.fuses_norm and x.dim() == 2 and x.shape[0] >= FUSED_NORM_MIN_ROWS and x.dtype in (torch.bfloat16, torch.float16)
-                and self.fits(x) and row_words >= BLOCK and row_words & (row_words - 1) == 0
+        return (self.fuses_norm and x.dim() == 2 and x.shape[0] >= FUSED_NORM_MIN_ROWS
+                and x.dtype in (torch.bfloat16, torch.float16) and self.fits(x)
+                and row_words >= BLOCK and row_words & (row_words - 1) == 0
                 and weight.dtype == x.dtype and weight.is_contiguous() and weight.shape == x.shape[-1:]
                 and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
                                           and residual.is_contiguous())))
@@ -325,8 +331,8 @@ class PeerAllReduce:
             as_words(x), as_words(x if residual is None else residual), as_words(weight), as_words(out),
             as_words(residual_out), x.shape[0], self._addresses, self.rank, self.timeout_ns, eps,
             HAS_RESIDUAL=residual is not None, WORLD=self.world_size, KIND=_KINDS[x.dtype],
-            ROW_CHUNKS=x.shape[-1] // 2 // BLOCK, BLOCK=BLOCK, SLOT_BYTES=self._slot_bytes, CONTROL_BYTES=self._control_bytes,
-            PDL=pdl, num_warps=8, launch_pdl=pdl,
+            ROW_CHUNKS=x.shape[-1] // 2 // BLOCK, BLOCK=BLOCK, SLOT_BYTES=self._slot_bytes,
+            CONTROL_BYTES=self._control_bytes, PDL=pdl, num_warps=8, launch_pdl=pdl,
         )
         return out, residual_out
 

@@ -120,6 +120,44 @@ def _slot(address, writer, reader, epoch, SLOT_BYTES: tl.constexpr):
     return (address + index.to(tl.int64) * SLOT_BYTES).to(tl.pointer_type(tl.int64))
 
 
+@triton.jit
+def _push(x_ptr, words, mask, epoch, addresses_ptr, rank, WORLD: tl.constexpr, SLOT_BYTES: tl.constexpr):
+    """Store this rank's words, each with its chunk's epoch, into every peer's receive buffer."""
+    packed = (epoch.to(tl.int64) << 32) | (tl.load(x_ptr + words, mask=mask).to(tl.int64) & 0xFFFFFFFF)
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            tl.store(_slot(tl.load(addresses_ptr + peer), rank, peer, epoch, SLOT_BYTES) + words, packed, mask=mask)
+
+
+@triton.jit
+def _sum_arrivals(x_ptr, words, mask, epoch, own, rank, aborted, host_abort, deadline, WORLD: tl.constexpr,
+                  KIND: tl.constexpr, SLOT_BYTES: tl.constexpr):
+    """Every rank's words summed in rank order, this rank's from x_ptr, the peers' from this rank's
+    receive buffer (at own) once all of them show epoch -> (lo, hi, aborted) (see _add_words). Waiting
+    stops at abort(); past the deadline it traps."""
+    expected = epoch.to(tl.int64) << 32
+    lo = tl.zeros(words.shape, tl.float32)
+    hi = tl.zeros(words.shape, tl.float32)
+    for peer in tl.static_range(WORLD):
+        if peer == rank:
+            received = tl.load(x_ptr + words, mask=mask)
+        else:
+            slot = _slot(own, peer, rank, epoch, SLOT_BYTES) + words
+            packed = tl.load(slot, mask=mask, other=expected, volatile=True)
+            spins = 0
+            while (tl.max(tl.reshape((packed >> 32).to(tl.int32) != epoch, [words.numel]), 0) != 0) & ~aborted:
+                spins += 1
+                if spins % 256 == 0:
+                    aborted = aborted | (tl.load(host_abort, volatile=True) != 0)
+                    if tl.extra.cuda.globaltimer() > deadline:
+                        _trap()
+                _pause()
+                packed = tl.load(slot, mask=mask, other=expected, volatile=True)
+            received = packed.to(tl.int32)  # the low half: the data
+        lo, hi = _add_words(lo, hi, received, KIND)
+    return lo, hi, aborted
+
+
 @triton.jit(do_not_specialize=["num_words", "rank"])
 def _peer_all_reduce_kernel(x_ptr, out_ptr, num_words, addresses_ptr, rank, timeout_ns,
                             WORLD: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr,
@@ -138,11 +176,7 @@ def _peer_all_reduce_kernel(x_ptr, out_ptr, num_words, addresses_ptr, rank, time
         words = chunk * BLOCK + offsets
         mask = words < num_words
         epoch = tl.load(control + 1 + chunk) + 1  # int32, wrapping: compared only for equality
-        packed = (epoch.to(tl.int64) << 32) | (tl.load(x_ptr + words, mask=mask).to(tl.int64) & 0xFFFFFFFF)
-        for peer in tl.static_range(WORLD):
-            if peer != rank:
-                tl.store(_slot(tl.load(addresses_ptr + peer), rank, peer, epoch, SLOT_BYTES) + words, packed,
-                         mask=mask)
+        _push(x_ptr, words, mask, epoch, addresses_ptr, rank, WORLD, SLOT_BYTES)
 
     host_abort = tl.load(addresses_ptr + WORLD).to(tl.pointer_type(tl.int32))
     aborted = tl.load(control, volatile=True) != 0  # an earlier all-reduce was released by abort()
@@ -151,26 +185,8 @@ def _peer_all_reduce_kernel(x_ptr, out_ptr, num_words, addresses_ptr, rank, time
         words = chunk * BLOCK + offsets
         mask = words < num_words
         epoch = tl.load(control + 1 + chunk) + 1
-        expected = epoch.to(tl.int64) << 32
-        lo = tl.zeros([BLOCK], tl.float32)
-        hi = tl.zeros([BLOCK], tl.float32)
-        for peer in tl.static_range(WORLD):
-            if peer == rank:
-                received = tl.load(x_ptr + words, mask=mask)
-            else:
-                slot = _slot(own, peer, rank, epoch, SLOT_BYTES) + words
-                packed = tl.load(slot, mask=mask, other=expected, volatile=True)
-                spins = 0
-                while (tl.max((packed >> 32).to(tl.int32) != epoch, axis=0) != 0) & ~aborted:
-                    spins += 1
-                    if spins % 256 == 0:
-                        aborted = aborted | (tl.load(host_abort, volatile=True) != 0)
-                        if tl.extra.cuda.globaltimer() > deadline:
-                            _trap()
-                    _pause()
-                    packed = tl.load(slot, mask=mask, other=expected, volatile=True)
-                received = packed.to(tl.int32)  # the low half: the data
-            lo, hi = _add_words(lo, hi, received, KIND)
+        lo, hi, aborted = _sum_arrivals(x_ptr, words, mask, epoch, own, rank, aborted, host_abort, deadline, WORLD,
+                                        KIND, SLOT_BYTES)
         tl.store(out_ptr + words, _to_words(lo, hi, KIND), mask=mask)
         tl.store(control + 1 + chunk, epoch)
     if aborted:
@@ -195,14 +211,12 @@ def _peer_all_reduce_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, resid
     # A row as [chunk, word]: each chunk's epoch is constant along its words, so stores stay vectorized.
     chunks = tl.arange(0, ROW_CHUNKS)[:, None]
     offsets = chunks * BLOCK + tl.arange(0, BLOCK)[None, :]  # [ROW_CHUNKS, BLOCK]
+    whole_row = offsets < ROW_CHUNKS * BLOCK  # all true: the helpers take a mask
 
     for row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
         words = row * ROW_CHUNKS * BLOCK + offsets
         epoch = tl.load(control + 1 + row * ROW_CHUNKS + chunks) + 1  # [ROW_CHUNKS, 1]
-        packed = (epoch.to(tl.int64) << 32) | (tl.load(x_ptr + words).to(tl.int64) & 0xFFFFFFFF)
-        for peer in tl.static_range(WORLD):
-            if peer != rank:
-                tl.store(_slot(tl.load(addresses_ptr + peer), rank, peer, epoch, SLOT_BYTES) + words, packed)
+        _push(x_ptr, words, whole_row, epoch, addresses_ptr, rank, WORLD, SLOT_BYTES)
 
     zeros = tl.zeros([ROW_CHUNKS, BLOCK], tl.float32)
     weight_lo, weight_hi = _add_words(zeros, zeros, tl.load(weight_ptr + offsets), KIND)
@@ -213,24 +227,8 @@ def _peer_all_reduce_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, resid
         words = row * ROW_CHUNKS * BLOCK + offsets
         epoch_ptr = control + 1 + row * ROW_CHUNKS + chunks
         epoch = tl.load(epoch_ptr) + 1
-        lo, hi = zeros, zeros
-        for peer in tl.static_range(WORLD):
-            if peer == rank:
-                received = tl.load(x_ptr + words)
-            else:
-                slot = _slot(own, peer, rank, epoch, SLOT_BYTES) + words
-                packed = tl.load(slot, volatile=True)
-                spins = 0
-                while (tl.max(tl.max((packed >> 32).to(tl.int32) != epoch, 1), 0) != 0) & ~aborted:
-                    spins += 1
-                    if spins % 256 == 0:
-                        aborted = aborted | (tl.load(host_abort, volatile=True) != 0)
-                        if tl.extra.cuda.globaltimer() > deadline:
-                            _trap()
-                    _pause()
-                    packed = tl.load(slot, volatile=True)
-                received = packed.to(tl.int32)
-            lo, hi = _add_words(lo, hi, received, KIND)
+        lo, hi, aborted = _sum_arrivals(x_ptr, words, whole_row, epoch, own, rank, aborted, host_abort, deadline,
+                                        WORLD, KIND, SLOT_BYTES)
         lo, hi = _rounded(lo, hi, KIND)  # the all-reduce's result
         if HAS_RESIDUAL:
             lo, hi = _rounded(*_add_words(lo, hi, tl.load(residual_ptr + words), KIND), KIND)

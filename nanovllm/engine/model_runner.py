@@ -153,10 +153,10 @@ class ModelRunner:
     def _forward_logits(self, seqs: list[Sequence], is_prefill: bool, decode_input_ids: torch.Tensor | None = None,
                         gather: bool = True):
         graphed = not is_prefill and self.graphs is not None and self.graphs.fits(len(seqs))
-        cut = overlap_cut(seqs, self.config.prefill_overlap_tokens) if is_prefill and self.group.world_size > 1 \
-            else None
-        if cut is not None:
-            return self._prefill_overlapped([seqs[:cut], seqs[cut:]], gather)
+        if is_prefill and self.group.world_size > 1:
+            cut = overlap_cut(seqs, self.config.prefill_overlap_tokens)
+            if cut is not None:
+                return self._prefill_overlapped([seqs[:cut], seqs[cut:]], gather)
         if is_prefill:
             inputs = self.inputs.prefill(seqs)
         else:

@@ -67,6 +67,7 @@ class ModelRunner:
         for layer in self.attention_layers:
             layer.backend = backend
         self.inputs = InputBuilder(config.kvcache_block_size, self.device)
+        self.second_inputs = InputBuilder(config.kvcache_block_size, self.device)  # prefill's second micro-batch
         self.decode_inputs = DecodeInputs(config.max_num_seqs, self.max_blocks_per_seq, config.kvcache_block_size,
                                           self.device)
         self.num_kvcache_blocks = self._allocate_kv_cache()
@@ -179,7 +180,9 @@ class ModelRunner:
     def _prefill_overlapped(self, micro_batches: list[list[Sequence]], gather: bool):
         """A tensor-parallel prefill step as micro-batches whose all-reduces overlap each other's compute
         (utils/partial_sums.py); returns what _forward_logits does, rows in the step's order."""
-        parts = [self.inputs.prefill(seqs) for seqs in micro_batches]
+        # Each micro-batch uploads through its own staging buffer: a second upload through one buffer
+        # would wait for the first to leave it.
+        parts = [inputs.prefill(seqs) for inputs, seqs in zip((self.inputs, self.second_inputs), micro_batches)]
         try:
             hiddens = run_overlapped([(self.model.partial_sums(part.input_ids, part.positions), part.meta)
                                       for part in parts], self.group)
@@ -193,7 +196,7 @@ class ModelRunner:
         slice of the vocabulary if rank 0 planned one; rank 0 samples. A decode
         step's input ids (what rank 0 sampled last, from its message) go to the device as such, so
         that a step of the same batch advances its inputs there, as rank 0's does. A step scheduled
-        ahead has no ids in its message (placeholders): rank 0 broadcasts the ids it sampled."""
+        ahead has no ids in its message (placeholders): rank 0 shares the ids it sampled."""
         known_ids = not is_prefill and not seqs[0].has_placeholder
         input_ids = to_device([seq.token_ids[-1] for seq in seqs], torch.int64, self.device) if known_ids else None
         logits, _ = self._forward_logits(seqs, is_prefill, input_ids, gather=draw is None)
@@ -213,8 +216,8 @@ class ModelRunner:
         """Every rank's decode_inputs.sampled becomes rank 0's: the ids of the last decode step, the
         input ids of a step scheduled ahead (all of whose sequences end with a placeholder). The
         other ranks hold one id per row of their last decode batch, as rank 0 sampled. They arrive by
-        an all-reduce to which the others add zeros, in float32 (exact below MAX_PARALLEL_VOCAB): at
-        two ranks the peer all-reduce's kernel, not a NCCL broadcast and its host-side launch."""
+        an all-reduce to which the others add zeros, in float32 (exact below MAX_PARALLEL_VOCAB): the
+        peer all-reduce's kernel where it serves, not a NCCL broadcast and its host-side launch."""
         ids = torch.zeros(len(self.decode_inputs.seq_ids), dtype=torch.float32, device=self.device)
         if self.group.rank == 0:
             ids.copy_(self.decode_inputs.sampled)

@@ -4,8 +4,8 @@ Each rank's LM head holds a contiguous slice of the vocabulary. When a step need
 (temperature only: greedy rows and the exponential race of noise.py), every rank draws over its own
 slice and shares one (score, token) pair per row, instead of sending rank 0 its [B, V / N] logits
 (39 MB at 256 rows of Qwen3-8B's vocabulary at two ranks); rank 0 keeps the pair with the highest score.
-The pairs are shared by an all-reduce of a board that each rank fills only in its own row: at two
-ranks that is the peer all-reduce's kernel, not NCCL's gather (about 80 us of kernel time a step at
+The pairs are shared by an all-reduce of a board that each rank fills only in its own row: where the
+peer all-reduce serves, that is its kernel, not NCCL's gather (about 80 us of kernel time a step at
 64 rows of Qwen3-8B on 2 x H200, profile_kernels.py) and a concatenation. The draws
 are the same: a greedy row's winner is the first maximum of the whole row (slices are in rank order,
 and among equal scores the lowest rank wins), and the race's noise for each token depends only on

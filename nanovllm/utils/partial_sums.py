@@ -7,9 +7,10 @@ generator: it yields a PartialSum (the partial sum and what follows it) and is s
 result. The same code then runs two ways:
 
 - run_reducing: one batch, each all-reduce in turn (ParallelGroup.all_reduce: peer memory or NCCL, a
-  no-op at one rank). At two or more GPUs the peer all-reduce also does the add and the norm in its
-  kernel (PeerAllReduce.all_reduce_norm) from 3 rows; at fewer the norm runs in the GEMV's kernel
-  (ops.norm_linear). Decode steps, and their CUDA graphs, run this way.
+  no-op at one rank). Where the peer all-reduce takes the sum with its add and norm (fits_norm: 16-bit
+  rows of a power-of-two size of at least 2048 elements, 3 rows or more), one kernel does all three
+  (PeerAllReduce.all_reduce_norm); otherwise the norm follows the all-reduce, in the GEMV's kernel for
+  one or two rows on CUDA (ops.norm_linear). Decode steps, and their CUDA graphs, run this way.
 - run_overlapped: a tensor-parallel prefill step split into micro-batches. Each partial sum's all-reduce
   is queued on the collective's own stream (NCCL; gloo: its own thread), and the next micro-batch
   computes meanwhile; a micro-batch waits for its sum only when it resumes. A 16K-token prefill step of
@@ -43,9 +44,9 @@ class PartialSum:
     def then(self, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What follows, given the all-reduced total; the norm in the product's kernel where the device
         has one (ops.norm_linear)."""
-        if self.linear is None:
-            return self.norm(total, self.residual)
-        return self.norm.then(self.linear, total, self.residual)
+        if self.linear is not None:
+            return self.norm.then(self.linear, total, self.residual)
+        return self.norm(total, self.residual) if self.residual is not None else (self.norm(total), total)
 
     def reduced(self, group: ParallelGroup) -> tuple[torch.Tensor, torch.Tensor]:
         """All-reduce, then what follows: the all-reduce, add and norm in one kernel where the peer

@@ -46,6 +46,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from nanovllm.layers.gemv import MAX_ROWS as GEMV_MAX_ROWS
 from nanovllm.utils import cuda_ipc
 from nanovllm.utils.pdl import pdl_enabled, release_next, wait_for_previous
 
@@ -55,8 +56,8 @@ BLOCK = 1024  # 4-byte words per chunk
 MAX_GRID = 256  # programs; each loops over its chunks
 BUFFER_BYTES = 16 * 2**20  # receive slots of one rank: 2 epochs x (world - 1) peers x max_words x 8 bytes
 MAX_WORLD = 8
-# all_reduce_norm from this many rows: below, the norm is folded into the GEMV after it (ops.norm_linear).
-FUSED_NORM_MIN_ROWS = 3
+# all_reduce_norm from this many rows: below, the CUDA ops fold the norm into the GEMV after it.
+FUSED_NORM_MIN_ROWS = GEMV_MAX_ROWS + 1
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # how a word holds its elements
 
 
@@ -265,6 +266,7 @@ class PeerAllReduce:
         self._host_abort = torch.zeros(1, dtype=torch.int32, pin_memory=True)  # read by the GPU (UVA)
         self.max_words = max_words(world_size)
         self.fuses_norm = os.environ.get("NANOVLLM_FUSED_NORM", "1") != "0"  # all_reduce_norm's kernel
+        self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         self._slot_bytes = self.max_words * 8
         self._control_bytes = 2 * (world_size - 1) * self._slot_bytes
         control_words = 1 + self.max_words // BLOCK  # [aborted, epoch of each chunk...]
@@ -311,7 +313,7 @@ class PeerAllReduce:
         rows of a power-of-two number of words that chunks divide, residual and weight alike."""
         row_words = x.shape[-1] // 2
         return (self.fuses_norm and x.dim() == 2 and x.shape[0] >= FUSED_NORM_MIN_ROWS
-                and x.dtype in (torch.bfloat16, torch.float16) and self.fits(x)
+                and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] % 2 == 0 and self.fits(x)
                 and row_words >= BLOCK and row_words & (row_words - 1) == 0
                 and weight.dtype == x.dtype and weight.is_contiguous() and weight.shape == x.shape[-1:]
                 and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
@@ -325,11 +327,18 @@ class PeerAllReduce:
         pdl = pdl_enabled(x.device)
         out, residual_out = torch.empty_like(x), torch.empty_like(x)
         as_words = lambda t: t.view(torch.int32)  # noqa: E731  [..., hidden / 2]
-        _peer_all_reduce_norm_kernel[(min(x.shape[0], MAX_GRID),)](
+        row_chunks = x.shape[-1] // 2 // BLOCK
+        # Every program must be resident at once: a program waits for the peer's program of the same
+        # id, which may only start once one of the peer's resident programs ends. Compiled for sm_90
+        # at 8 warps, the kernel takes 53, 116 and 205 registers at 1, 2 and 4 chunks a row: two
+        # programs fit an SM up to 2 chunks, one beyond. (The plain kernel, 77 registers at 4 warps,
+        # fits six.)
+        resident = self._num_sms * (2 if row_chunks <= 2 else 1)
+        _peer_all_reduce_norm_kernel[(min(x.shape[0], MAX_GRID, resident),)](
             as_words(x), as_words(x if residual is None else residual), as_words(weight), as_words(out),
             as_words(residual_out), x.shape[0], self._addresses, self.rank, self.timeout_ns, eps,
             HAS_RESIDUAL=residual is not None, WORLD=self.world_size, KIND=_KINDS[x.dtype],
-            ROW_CHUNKS=x.shape[-1] // 2 // BLOCK, BLOCK=BLOCK, SLOT_BYTES=self._slot_bytes,
+            ROW_CHUNKS=row_chunks, BLOCK=BLOCK, SLOT_BYTES=self._slot_bytes,
             CONTROL_BYTES=self._control_bytes, PDL=pdl, num_warps=8, launch_pdl=pdl,
         )
         return out, residual_out

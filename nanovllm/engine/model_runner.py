@@ -230,8 +230,9 @@ class ModelRunner:
         waits for them: the caller may queue the next step first (asynchronous scheduling).
         draw, settings: plan_draw's plan, sent to the other ranks with the step, and its settings."""
         logits, sampled = self._forward_logits(seqs, is_prefill, gather=draw is None)
-        if draw is not None:  # a decode step: every sequence samples
-            output = SamplerOutput(draw_on_shards(logits, draw, self.model.lm_head, self.group), None)
+        if draw is not None:  # a decode step: every sequence samples, with settings' device temperatures
+            output = SamplerOutput(draw_on_shards(logits, draw, self.model.lm_head, self.group,
+                                                  settings.params.temperature), None)
         else:
             sampling_seqs = [seq for seq, ok in zip(seqs, sampled) if ok]
             if not sampling_seqs:

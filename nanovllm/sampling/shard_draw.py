@@ -49,10 +49,12 @@ def plan_shard_draw(batch: SamplingBatch, seqs: list[Sequence], device: torch.de
     return ShardDraw([seq.sampling_params.temperature for seq in seqs], seed)
 
 
-def draw_slice(logits: torch.Tensor, draw: ShardDraw, vocab_start: int, vocab_size: int) -> torch.Tensor:
+def draw_slice(logits: torch.Tensor, draw: ShardDraw, vocab_start: int, vocab_size: int,
+               temperature: torch.Tensor | None = None) -> torch.Tensor:
     """logits: [B, S], tokens vocab_start.. of this rank's slice (columns past vocab_size are padding)
     -> [B, 2] float32: each row's best score and its token (exact: Config caps a tensor-parallel
-    vocabulary at MAX_PARALLEL_VOCAB)."""
+    vocabulary at MAX_PARALLEL_VOCAB). temperature: draw.temperature already on the device, if the
+    caller has it (rank 0's sampling settings); otherwise it is uploaded."""
     logits = logits[:, :max(0, vocab_size - vocab_start)]
     if draw.temperature is None:
         columns = logits.argmax(-1)  # the first of equal maxima
@@ -60,7 +62,8 @@ def draw_slice(logits: torch.Tensor, draw: ShardDraw, vocab_start: int, vocab_si
     else:
         from nanovllm.sampling.race_kernel import race_slice  # Triton: CUDA only
 
-        temperature = to_device(draw.temperature, torch.float32, logits.device)
+        if temperature is None:
+            temperature = to_device(draw.temperature, torch.float32, logits.device)
         tokens, scores = race_slice(logits, temperature, draw.seed, vocab_start, vocab_size)
     return torch.stack([scores.float(), tokens.float()], 1)
 
@@ -72,11 +75,11 @@ def best_of_slices(pairs: torch.Tensor) -> torch.Tensor:
     return pairs[..., 1].gather(1, best.unsqueeze(1)).squeeze(1).long()
 
 
-def draw_on_shards(logits: torch.Tensor, draw: ShardDraw, head: ParallelLMHead,
-                   group: ParallelGroup) -> torch.Tensor | None:
+def draw_on_shards(logits: torch.Tensor, draw: ShardDraw, head: ParallelLMHead, group: ParallelGroup,
+                   temperature: torch.Tensor | None = None) -> torch.Tensor | None:
     """Every rank together: logits [B, S] this rank's slice (head.forward(hidden, gather=False)) -> the
-    drawn token ids [B] int64 on rank 0, None on the others."""
-    pairs = draw_slice(logits, draw, head.vocab_start, head.vocab_size)
+    drawn token ids [B] int64 on rank 0, None on the others. temperature: as draw_slice's."""
+    pairs = draw_slice(logits, draw, head.vocab_start, head.vocab_size, temperature)
     board = torch.zeros(group.world_size, *pairs.shape, dtype=pairs.dtype, device=pairs.device)  # [N, B, 2]
     board[group.rank] = pairs
     group.all_reduce(board)  # x + 0 is x: every rank's pairs, exactly, on every rank

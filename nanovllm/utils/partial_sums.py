@@ -14,8 +14,9 @@ result. The same code then runs two ways:
 - run_overlapped: a tensor-parallel prefill step split into micro-batches. Each partial sum's all-reduce
   is queued on the collective's own stream (NCCL; gloo: its own thread), and the next micro-batch
   computes meanwhile; a micro-batch waits for its sum only when it resumes. A 16K-token prefill step of
-  Qwen3-8B at TP=2 runs 73 NCCL all-reduces of 128 MB, about 0.5 ms each on 2 x H200, some 15% of the
-  step (overlapped: 2.11 -> 2.00 s of the benchmark's prefill, BENCHMARKS.md).
+  Qwen3-8B at TP=2 runs 73 NCCL all-reduces of 128 MB, an estimated 0.5 ms each on 2 x H200 (NCCL's
+  270 GB/s at 64 MiB), some 15% of the step; overlapped, the benchmark's prefill went from 2.11 to
+  2.00 s (BENCHMARKS.md).
 """
 from collections import deque
 from collections.abc import Generator

@@ -7,8 +7,9 @@
 # with NANOVLLM_PEER_ALL_REDUCE=0); tests: the tensor-parallel GPU tests (TP_TESTS: a -k expression);
 # gpu1tests: the one-GPU engine and memory tests; bench8b: Qwen3-8B TP=1 vs TP=2, single request; profile8b:
 # rank 0's kernels per decode step of Qwen3-8B at TP=2 (PROFILE_TPS, default 2), at 1 and 256 sequences
-# (PROFILE_BATCHES; collectives included);
-# full8b: Qwen3-8B TP=1 vs TP=2, the full workload. All but dp and probe run only if the smoke run passed.
+# (PROFILE_BATCHES; collectives included; PROFILE_TRACE=1 also saves gzipped Chrome traces under $OUT);
+# full8b: Qwen3-8B TP=1 vs TP=2, the full workload (AB_ENVS="A=1 B=2;C=3": TP=2 again under each).
+# All but dp and probe run only if the smoke run passed.
 # STACKS_EVERY_S=N: every Python process prints its stacks every N seconds, so a hang shows where (off by
 # default: faulthandler walks a running thread's frames, and one such dump crashed a TP=2 start-up with a
 # segmentation fault while the main thread compiled Triton kernels).
@@ -77,13 +78,22 @@ fi
 if [[ $parts == *" full8b "* ]] && ((smoke_ok == 0)); then
   for tp in 2 1; do
     limited 150 "$OUT/tp${tp}_full.txt" python3 bench.py --model /tmp/qwen3-8b --tensor-parallel-size $tp
-    note "8B TP=$tp full: $(grep -E 'output tok/s|  seconds|fraction|start-up' "$OUT/tp${tp}_full.txt" | tr -s ' ' | tr '\n' ';')"
+    note "8B TP=$tp full: $(grep -E 'output tok/s|  seconds|prefill|decode|gc pause|start-up' "$OUT/tp${tp}_full.txt" | tr -s ' ' | tr '\n' ';')"
+    if [[ $tp == 2 && -n ${AB_ENVS:-} ]]; then  # the same run under each of AB_ENVS
+      IFS=';' read -ra variants <<< "$AB_ENVS"
+      for i in "${!variants[@]}"; do
+        limited 150 "$OUT/tp2_full_ab$i.txt" env ${variants[$i]} python3 bench.py --model /tmp/qwen3-8b \
+          --tensor-parallel-size 2
+        note "8B TP=2 full, ${variants[$i]}: $(grep -E 'output tok/s|  seconds|prefill|decode|gc pause' "$OUT/tp2_full_ab$i.txt" | tr -s ' ' | tr '\n' ';')"
+      done
+    fi
   done
 fi
 if [[ $parts == *" profile8b "* ]] && ((smoke_ok == 0)); then
   for tp in ${PROFILE_TPS:-2}; do
     limited 150 "$OUT/profile8b_tp$tp.txt" python3 scripts/profile_kernels.py --model /tmp/qwen3-8b \
-      --tensor-parallel-size $tp --batch-sizes ${PROFILE_BATCHES:-1 256} --top 20
+      --tensor-parallel-size $tp --batch-sizes ${PROFILE_BATCHES:-1 256} --top 20 \
+      ${PROFILE_TRACE:+--trace $OUT}
     note "8B TP=$tp kernels: $(grep '^== batch' "$OUT/profile8b_tp$tp.txt" | tr '\n' ';')"
   done
 fi

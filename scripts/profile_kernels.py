@@ -5,9 +5,15 @@ It also prints how long the GPU ran no kernel at all per step, and between which
 was busy per step (not waiting for tokens): a host busy for a whole step is what the GPU waits for.
 
     python scripts/profile_kernels.py [--batch-sizes 1 64 256] [--context 512] [--shape qwen3-8b | --model DIR]
-        [--tensor-parallel-size 2]
+        [--tensor-parallel-size 2] [--trace DIR]
+
+--trace writes each batch size's profile as a gzipped Chrome trace (chrome://tracing, Perfetto): it shows
+when rank 0's host launched each kernel, which tells a host that fell behind from a device that waits.
 """
 import argparse
+import gzip
+import os
+import shutil
 import tempfile
 import time
 
@@ -33,6 +39,13 @@ def idle_gaps(kernels: list[tuple[float, float, str]]) -> dict[tuple[str, str], 
     return gaps
 
 
+def save_trace(prof, path: str) -> None:
+    with tempfile.NamedTemporaryFile(suffix=".json") as raw:
+        prof.export_chrome_trace(raw.name)
+        with open(raw.name, "rb") as source, gzip.open(path, "wb") as target:
+            shutil.copyfileobj(source, target)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
@@ -43,6 +56,7 @@ def main():
     p.add_argument("--shape", default="qwen3-0.6b", help="random weights of this shape")
     p.add_argument("--model", help="a checkpoint directory instead of random weights")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--trace", help="a directory for gzipped Chrome traces")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         llm = LLM(args.model or make_benchmark_model(tmp, args.shape), tensor_parallel_size=args.tensor_parallel_size)
@@ -82,6 +96,8 @@ def main():
             for _ in range(args.steps):
                 llm.step()
             torch.cuda.synchronize()
+        if args.trace:
+            save_trace(prof, os.path.join(args.trace, f"trace_tp{args.tensor_parallel_size}_batch{batch}.json.gz"))
         events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
         total = sum(e.self_device_time_total for e in events) / args.steps
         launches = sum(e.count for e in events) / args.steps

@@ -44,6 +44,16 @@ def test_exit_frees_the_model_and_later_calls_say_why(tiny_model):
     llm.exit()  # idempotent
 
 
+def test_start_up_objects_stay_out_of_collections_until_exit(tiny_model):
+    # A full collection mid-run would walk every module and tensor of the engine (a pause of ~0.1 s
+    # even for the tiny model); exit() must thaw them, or the engine's reference cycles never go.
+    llm = LLM(tiny_model, **CPU_ENGINE)
+    model = weakref.ref(llm.model_runner.model)
+    assert gc.get_freeze_count() > 0
+    llm.exit()
+    assert gc.get_freeze_count() == 0 and model() is None
+
+
 def test_with_block_exits(tiny_model, expected):
     with LLM(tiny_model, **CPU_ENGINE) as llm:
         model = weakref.ref(llm.model_runner.model)

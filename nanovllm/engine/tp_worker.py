@@ -13,6 +13,7 @@ from nanovllm.config import Config
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.tp_channel import ChannelEndpoint
 from nanovllm.engine.tp_step import SequenceMirror, StepCall
+from nanovllm.utils.collector import freeze_survivors
 from nanovllm.utils.distributed import ParallelGroup, create_group, open_store
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def run_worker(rank: int, config: Config, store_port: int, channel: ChannelEndpo
     try:
         runner = ModelRunner(config, group)
         mirror = SequenceMirror(config.kvcache_block_size)
+        freeze_survivors()  # a full collection mid-run would hold up every rank's collectives
         while True:
             call: StepCall | str = channel.receive()
             if call == EXIT:

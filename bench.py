@@ -8,9 +8,11 @@ On CUDA it also measures the device-to-device copy bandwidth and prints the work
 memory-bandwidth floor and the fraction of it reached.
 """
 import argparse
+import gc
 import logging
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from random import randint, seed
 
@@ -109,6 +111,24 @@ def time_steps(llm) -> dict[str, float]:
     return seconds
 
 
+@contextmanager
+def timing_collections(seconds: dict[str, float]):
+    """Adds the garbage collector's pauses inside the block to seconds["gc pause"] (rank 0's only)."""
+    seconds["gc pause"], started = 0.0, []
+
+    def on_collection(phase, info):
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            seconds["gc pause"] += time.perf_counter() - started.pop()
+
+    gc.callbacks.append(on_collection)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(on_collection)
+
+
 def run_nano(path, args, prompts, output_lens):
     from nanovllm import LLM, SamplingParams
     started = time.perf_counter()
@@ -124,7 +144,8 @@ def run_nano(path, args, prompts, output_lens):
     startup = time.perf_counter() - started
     step_seconds = time_steps(llm)
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    with timing_collections(step_seconds):
+        outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     # Rank 0's shard: with tensor parallelism every GPU reads its own shard and KV heads in parallel,
     # so the floor is one rank's bytes over one GPU's bandwidth.
@@ -175,7 +196,7 @@ def main(argv=None):
             ("prompt+output tok/s", f"{(tokens + sum(map(len, prompts))) / seconds:.0f}"),
             ("tensor parallel size", args.tensor_parallel_size), ("start-up seconds", f"{result.startup:.1f}")]
     if result.step_seconds is not None:
-        rows += [(f"{kind} seconds", f"{value:.2f}") for kind, value in result.step_seconds.items()]
+        rows += [(f"{kind} seconds", f"{value:.3f}") for kind, value in result.step_seconds.items()]
     if len(prompts) == 1:  # single-request latency, e.g. --num-seqs 1 --input-len 128 --output-len 512
         rows.append(("ms per output token", f"{seconds * 1e3 / tokens:.2f}"))
     if torch.cuda.is_available() and result.weight_bytes is not None:

@@ -10,6 +10,8 @@ import argparse
 import gzip
 import json
 
+from profile_kernels import gaps_between  # this directory
+
 DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
@@ -19,18 +21,15 @@ def main():
     p.add_argument("--min-gap", type=float, default=4.0, help="microseconds")
     args = p.parse_args()
     events = [e for e in json.load(gzip.open(args.trace))["traceEvents"] if e.get("ph") == "X"]
-    work = sorted((e for e in events if e.get("cat") in DEVICE_WORK), key=lambda e: e["ts"])
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
-    busy_until, last, gaps = work[0]["ts"] + work[0]["dur"], work[0], []
-    for kernel in work[1:]:
-        if kernel["ts"] > busy_until + args.min_gap:
-            launch = launches.get(kernel["args"].get("correlation"))
-            launched = f"{launch['name']} at {launch['ts'] - busy_until:+.1f} us" if launch else "launch not traced"
-            gaps.append(f"{kernel['ts'] - busy_until:8.1f} us  {last['name'][:50]} -> {kernel['name'][:50]}\n"
-                        f"{'':13}{launched}")
-        if kernel["ts"] + kernel["dur"] > busy_until:
-            busy_until, last = kernel["ts"] + kernel["dur"], kernel
+    kernels = [(e["ts"], e["ts"] + e["dur"], e) for e in events if e.get("cat") in DEVICE_WORK]
+    gaps = []
+    for idle_from, length, before, after in gaps_between(kernels):
+        if length > args.min_gap:
+            launch = launches.get(after["args"].get("correlation"))
+            launched = f"{launch['name']} at {launch['ts'] - idle_from:+.1f} us" if launch else "launch not traced"
+            gaps.append(f"{length:8.1f} us  {before['name'][:50]} -> {after['name'][:50]}\n{'':13}{launched}")
     print(f"{len(gaps)} gaps longer than {args.min_gap} us")
     print("\n".join(gaps))
 

@@ -116,7 +116,7 @@ def _peer_all_reduce_rank(rank: int, port: int) -> None:
 
     # The all-reduce with the decoder's add and RMSNorm after it (all_reduce_norm) against NCCL's sum and
     # the eager ops; with and without a residual, more rows than programs, and plain all-reduces of other
-    # sizes in between (the two kernels share each chunk's epoch: a mismatch would hang or read stale data).
+    # sizes in between (each kernel has its own slots and epochs: a mix-up would hang or read stale data).
     from nanovllm.layers.ops import add_rms_norm, rms_norm
 
     def same_on_all(shape, seed: int) -> torch.Tensor:  # residuals and norm weights are alike on every rank
@@ -126,7 +126,9 @@ def _peer_all_reduce_rank(rank: int, port: int) -> None:
     hidden, eps = 4096, 1e-6
     weight = same_on_all(hidden, 0)
     assert not group.peer.fits_norm(both_ranks(2 * hidden, torch.bfloat16, 0).view(2, hidden), None, weight)
-    assert not group.peer.fits_norm(both_ranks(8 * 1024, torch.bfloat16, 0).view(8, 1024), None, weight[:1024])
+    for width in (512, 8192):  # outside NORM_ROW_ELEMENTS
+        rows = both_ranks(8 * width, torch.bfloat16, 0).view(8, width)
+        assert not group.peer.fits_norm(rows, None, same_on_all(width, 0))
     for seed, (rows, has_residual) in enumerate([(3, False), (3, True), (64, True), (257, True), (300, False)]):
         x = both_ranks(rows * hidden, torch.bfloat16, 200 + seed).view(rows, hidden)
         residual = same_on_all((rows, hidden), seed) if has_residual else None
@@ -139,6 +141,8 @@ def _peer_all_reduce_rank(rank: int, port: int) -> None:
         same_on_both_ranks(normed)
         plain = both_ranks(1000 + 2 * seed, torch.bfloat16, 300 + seed)
         torch.testing.assert_close(group.peer.all_reduce(plain.clone()), nccl_sum(plain))
+    # The first call fixed the row width (a row's epoch belongs to its place in the slots).
+    assert not group.peer.fits_norm(both_ranks(8 * 1024, torch.bfloat16, 0).view(8, 1024), None, weight[:1024])
 
     # In a CUDA graph, replayed many times on new inputs, as decoding does: one row of Qwen3-8B's hidden
     # states, 8 rows, 256 rows (2 MB).
@@ -174,6 +178,22 @@ def _peer_all_reduce_rank(rank: int, port: int) -> None:
         torch.testing.assert_close(new_residual, expected_residual)
         torch.testing.assert_close(normed, expected_normed)
         torch.testing.assert_close(after, nccl_sum(static[:8 * hidden]))
+
+    # Past 65,536 all-reduces of a row, where its 16-bit epoch wraps: still the sum, not a stale slot.
+    rows = 3
+    static_x, static_residual = static[:rows * hidden].view(rows, hidden), same_on_all((rows, hidden), 10)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(64):
+            normed, new_residual = group.peer.all_reduce_norm(static_x, static_residual, weight, eps)
+    for replay in range(2**16 // 64 + 3):
+        if replay % 256 == 0 or replay > 2**16 // 64:
+            static.copy_(both_ranks(static.numel(), torch.bfloat16, 500 + replay))
+            expected_normed, expected_residual = add_rms_norm(nccl_sum(static_x), static_residual, weight, eps)
+        graph.replay()
+        if replay % 256 == 0 or replay > 2**16 // 64:
+            torch.testing.assert_close(new_residual, expected_residual)
+            torch.testing.assert_close(normed, expected_normed)
 
     # A rank that never arrives: abort() releases the waiting rank within moments.
     torch.cuda.synchronize(device)

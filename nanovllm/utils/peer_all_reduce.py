@@ -25,8 +25,10 @@ waits for one that is itself waiting.
 
 A second kernel (all_reduce_norm) takes a program per row and, once a row is summed, also does what a
 decoder layer does next: the residual add and the RMSNorm, saving their kernel (utils/partial_sums.py).
-It pushes and polls the same chunks with the same epochs, so the two kernels may follow each other in
-any order.
+It carries every decode step's large all-reduces (2 MB at batch 256), where the link's bytes set the
+time, so its words pack more: three 16-bit elements and a 16-bit epoch (that of the row, compared
+for equality, so wrapping is harmless), 1.33 bytes on the link per byte of data instead of 2. It has
+its own slots and epochs, so the two kernels may follow each other in any order.
 
 A waiting kernel cannot be cancelled like a NCCL collective, so it also watches a flag in pinned host
 memory: `abort()` (a worker died) releases every waiting kernel at once, and the engine raises. A wait
@@ -54,8 +56,11 @@ logger = logging.getLogger(__name__)
 
 BLOCK = 1024  # 4-byte words per chunk
 MAX_GRID = 256  # programs; each loops over its chunks
-BUFFER_BYTES = 16 * 2**20  # receive slots of one rank: 2 epochs x (world - 1) peers x max_words x 8 bytes
+BUFFER_BYTES = 16 * 2**20  # one kernel's slots in a rank's buffer: 2 epochs x (world - 1) peers x max_words x 8 bytes
 MAX_WORLD = 8
+# all_reduce_norm's rows, in elements: a program holds a row in registers; the narrowest sets how many
+# rows (and row epochs) the largest message has.
+NORM_ROW_ELEMENTS = (1024, 6144)
 # all_reduce_norm from this many rows: below, the CUDA ops fold the norm into the GEMV after it.
 FUSED_NORM_MIN_ROWS = GEMV_MAX_ROWS + 1
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # how a word holds its elements
@@ -105,38 +110,48 @@ def _to_words(lo, hi, KIND: tl.constexpr):
 
 
 @triton.jit
-def _rounded(lo, hi, KIND: tl.constexpr):
-    """float32 values rounded to the message's dtype (and back), as a tensor of that dtype holds them."""
-    if KIND == 0:
-        return lo, hi
-    dtype: tl.constexpr = tl.bfloat16 if KIND == 1 else tl.float16
-    return lo.to(dtype).to(tl.float32), hi.to(dtype).to(tl.float32)
-
-
-@triton.jit
 def _slot(address, writer, reader, epoch, SLOT_BYTES: tl.constexpr):
-    """Where writer's words of this epoch land in reader's receive buffer (at `address`, as mapped here):
-    one slot per other rank and epoch parity."""
+    """Where writer's words of this epoch land in reader's slots (at `address`, as mapped here): one slot
+    per other rank and epoch parity."""
     index = tl.where(writer < reader, writer, writer - 1) * 2 + (epoch & 1)
     return (address + index.to(tl.int64) * SLOT_BYTES).to(tl.pointer_type(tl.int64))
 
 
 @triton.jit
-def _push(x_ptr, words, mask, epoch, addresses_ptr, rank, WORLD: tl.constexpr, SLOT_BYTES: tl.constexpr):
-    """Store this rank's words, each with its chunk's epoch, into every peer's receive buffer."""
-    packed = (epoch.to(tl.int64) << 32) | (tl.load(x_ptr + words, mask=mask).to(tl.int64) & 0xFFFFFFFF)
+def _push(packed, words, mask, epoch, addresses_ptr, rank, WORLD: tl.constexpr, REGION: tl.constexpr,
+          SLOT_BYTES: tl.constexpr):
+    """Store this rank's packed 8-byte words (each carrying its epoch) at `words` of its slot in every
+    peer's receive buffer; REGION: the byte offset of the kernel's slots in a buffer."""
     for peer in tl.static_range(WORLD):
         if peer != rank:
-            tl.store(_slot(tl.load(addresses_ptr + peer), rank, peer, epoch, SLOT_BYTES) + words, packed, mask=mask)
+            slots = tl.load(addresses_ptr + peer) + REGION
+            tl.store(_slot(slots, rank, peer, epoch, SLOT_BYTES) + words, packed, mask=mask)
+
+
+@triton.jit
+def _await(slot, mask, epoch, SHIFT: tl.constexpr, EPOCH_MASK: tl.constexpr, aborted, host_abort, deadline):
+    """The words at slot (int64 pointers; masked ones excepted) once every one of them carries epoch in
+    its bits from SHIFT up (compared under EPOCH_MASK) -> (words, aborted). Waiting stops at abort();
+    past the deadline it traps."""
+    expected = epoch.to(tl.int64) & EPOCH_MASK
+    words = tl.load(slot, mask=mask, other=expected << SHIFT, volatile=True)
+    spins = 0
+    while (tl.max(tl.reshape(((words >> SHIFT) & EPOCH_MASK) != expected, [words.numel]), 0) != 0) & ~aborted:
+        spins += 1
+        if spins % 256 == 0:
+            aborted = aborted | (tl.load(host_abort, volatile=True) != 0)
+            if tl.extra.cuda.globaltimer() > deadline:
+                _trap()
+        _pause()
+        words = tl.load(slot, mask=mask, other=expected << SHIFT, volatile=True)
+    return words, aborted
 
 
 @triton.jit
 def _sum_arrivals(x_ptr, words, mask, epoch, own, rank, aborted, host_abort, deadline, WORLD: tl.constexpr,
                   KIND: tl.constexpr, SLOT_BYTES: tl.constexpr):
     """Every rank's words summed in rank order, this rank's from x_ptr, the peers' from this rank's
-    receive buffer (at own) once all of them show epoch -> (lo, hi, aborted) (see _add_words). Waiting
-    stops at abort(); past the deadline it traps."""
-    expected = epoch.to(tl.int64) << 32
+    receive buffer (at own) once all of them show epoch -> (lo, hi, aborted) (see _add_words)."""
     lo = tl.zeros(words.shape, tl.float32)
     hi = tl.zeros(words.shape, tl.float32)
     for peer in tl.static_range(WORLD):
@@ -144,16 +159,7 @@ def _sum_arrivals(x_ptr, words, mask, epoch, own, rank, aborted, host_abort, dea
             received = tl.load(x_ptr + words, mask=mask)
         else:
             slot = _slot(own, peer, rank, epoch, SLOT_BYTES) + words
-            packed = tl.load(slot, mask=mask, other=expected, volatile=True)
-            spins = 0
-            while (tl.max(tl.reshape((packed >> 32).to(tl.int32) != epoch, [words.numel]), 0) != 0) & ~aborted:
-                spins += 1
-                if spins % 256 == 0:
-                    aborted = aborted | (tl.load(host_abort, volatile=True) != 0)
-                    if tl.extra.cuda.globaltimer() > deadline:
-                        _trap()
-                _pause()
-                packed = tl.load(slot, mask=mask, other=expected, volatile=True)
+            packed, aborted = _await(slot, mask, epoch, 32, 0xFFFFFFFF, aborted, host_abort, deadline)
             received = packed.to(tl.int32)  # the low half: the data
         lo, hi = _add_words(lo, hi, received, KIND)
     return lo, hi, aborted
@@ -164,8 +170,8 @@ def _peer_all_reduce_kernel(x_ptr, out_ptr, num_words, addresses_ptr, rank, time
                             WORLD: tl.constexpr, KIND: tl.constexpr, BLOCK: tl.constexpr,
                             SLOT_BYTES: tl.constexpr, CONTROL_BYTES: tl.constexpr, PDL: tl.constexpr):
     """x_ptr, out_ptr: int32 [num_words], the message's bytes. addresses_ptr: int64 [WORLD + 1]: every
-    rank's receive buffer as mapped here, then the host abort word. The control words after the slots
-    are [aborted, epoch of each chunk...]."""
+    rank's receive buffer as mapped here, then the host abort word. The control words are [aborted,
+    epoch of each chunk..., epoch of each row of all_reduce_norm...]."""
     release_next(PDL)
     wait_for_previous(PDL)
     own = tl.load(addresses_ptr + rank)
@@ -177,7 +183,8 @@ def _peer_all_reduce_kernel(x_ptr, out_ptr, num_words, addresses_ptr, rank, time
         words = chunk * BLOCK + offsets
         mask = words < num_words
         epoch = tl.load(control + 1 + chunk) + 1  # int32, wrapping: compared only for equality
-        _push(x_ptr, words, mask, epoch, addresses_ptr, rank, WORLD, SLOT_BYTES)
+        packed = (epoch.to(tl.int64) << 32) | (tl.load(x_ptr + words, mask=mask).to(tl.int64) & 0xFFFFFFFF)
+        _push(packed, words, mask, epoch, addresses_ptr, rank, WORLD, 0, SLOT_BYTES)
 
     host_abort = tl.load(addresses_ptr + WORLD).to(tl.pointer_type(tl.int32))
     aborted = tl.load(control, volatile=True) != 0  # an earlier all-reduce was released by abort()
@@ -194,50 +201,116 @@ def _peer_all_reduce_kernel(x_ptr, out_ptr, num_words, addresses_ptr, rank, time
         tl.store(control, 1)
 
 
+@triton.jit
+def _thirds_mask(lanes, part: tl.constexpr, ROW: tl.constexpr, THIRD: tl.constexpr):
+    return (lanes < THIRD) & (part * THIRD + lanes < ROW)
+
+
+@triton.jit
+def _load_thirds(row_ptr, lanes, ROW: tl.constexpr, THIRD: tl.constexpr):
+    """A row of ROW elements as three [LANES] tensors: its elements lane, THIRD + lane and 2 THIRD +
+    lane, for lanes below THIRD (0 elsewhere, and past the row's end)."""
+    start = row_ptr + lanes
+    return (tl.load(start, mask=_thirds_mask(lanes, 0, ROW, THIRD), other=0.0),
+            tl.load(start + THIRD, mask=_thirds_mask(lanes, 1, ROW, THIRD), other=0.0),
+            tl.load(start + 2 * THIRD, mask=_thirds_mask(lanes, 2, ROW, THIRD), other=0.0))
+
+
+@triton.jit
+def _store_thirds(row_ptr, lanes, first, second, third, ROW: tl.constexpr, THIRD: tl.constexpr):
+    """The inverse of _load_thirds, rounding float32 values to the row's dtype."""
+    start = row_ptr + lanes
+    dtype: tl.constexpr = row_ptr.dtype.element_ty
+    tl.store(start, first.to(dtype), mask=_thirds_mask(lanes, 0, ROW, THIRD))
+    tl.store(start + THIRD, second.to(dtype), mask=_thirds_mask(lanes, 1, ROW, THIRD))
+    tl.store(start + 2 * THIRD, third.to(dtype), mask=_thirds_mask(lanes, 2, ROW, THIRD))
+
+
+@triton.jit
+def _bits(value):
+    """A 16-bit element's bits, in the low half of an int64."""
+    return value.to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
+
+
+@triton.jit
+def _pack_thirds(first, second, third, epoch):
+    """Three 16-bit elements and the low 16 bits of epoch in one int64 word, the epoch on top."""
+    return ((epoch.to(tl.int64) & 0xFFFF) << 48) | (_bits(third) << 32) | (_bits(second) << 16) | _bits(first)
+
+
+@triton.jit
+def _element(words, SHIFT: tl.constexpr, DTYPE: tl.constexpr):
+    """The 16-bit element of DTYPE at bit SHIFT of int64 words, as float32."""
+    return ((words >> SHIFT) & 0xFFFF).to(tl.int16).to(DTYPE, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _unpack_thirds(words, DTYPE: tl.constexpr):
+    """_pack_thirds' three elements, as float32."""
+    return _element(words, 0, DTYPE), _element(words, 16, DTYPE), _element(words, 32, DTYPE)
+
+
+@triton.jit
+def _round(value, DTYPE: tl.constexpr):
+    """A float32 value rounded to DTYPE and back, as a tensor of that dtype holds it."""
+    return value.to(DTYPE).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["num_rows", "rank"])
 def _peer_all_reduce_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, num_rows,
                                  addresses_ptr, rank, timeout_ns, eps, HAS_RESIDUAL: tl.constexpr,
-                                 WORLD: tl.constexpr, KIND: tl.constexpr, ROW_CHUNKS: tl.constexpr,
-                                 BLOCK: tl.constexpr, SLOT_BYTES: tl.constexpr, CONTROL_BYTES: tl.constexpr,
-                                 PDL: tl.constexpr):
-    """The all-reduce of _peer_all_reduce_kernel, a program per row of ROW_CHUNKS chunks (the plain
-    kernel's chunks, with their epochs), then the decoder's add and RMSNorm: residual_out = sum +
+                                 WORLD: tl.constexpr, ROW: tl.constexpr, THIRD: tl.constexpr, LANES: tl.constexpr,
+                                 REGION: tl.constexpr, SLOT_BYTES: tl.constexpr, CONTROL_BYTES: tl.constexpr,
+                                 ROW_EPOCHS: tl.constexpr, PDL: tl.constexpr):
+    """The all-reduce of a program per row, then the decoder's add and RMSNorm: residual_out = sum +
     residual (sum without one), out = rms_norm(residual_out) * weight, rounded to the dtype where the
-    unfused ops round. x_ptr, residual_ptr, out_ptr, residual_out_ptr: int32 [num_rows, ROW_CHUNKS *
-    BLOCK]; weight_ptr: int32 [ROW_CHUNKS * BLOCK]; 16-bit elements (KIND 1 or 2)."""
+    unfused ops round. x_ptr, residual_ptr, out_ptr, residual_out_ptr: [num_rows, ROW]; weight_ptr:
+    [ROW]; one 16-bit dtype. A row travels as THIRD >= ROW / 3 words of three elements (see
+    _load_thirds) and a 16-bit epoch, the row's, which is control word ROW_EPOCHS + row; its slots
+    start REGION bytes into a receive buffer."""
     release_next(PDL)
     wait_for_previous(PDL)
     own = tl.load(addresses_ptr + rank)
     control = (own + CONTROL_BYTES).to(tl.pointer_type(tl.int32))
-    # A row as [chunk, word]: each chunk's epoch is constant along its words, so stores stay vectorized.
-    chunks = tl.arange(0, ROW_CHUNKS)[:, None]
-    offsets = chunks * BLOCK + tl.arange(0, BLOCK)[None, :]  # [ROW_CHUNKS, BLOCK]
-    whole_row = offsets < ROW_CHUNKS * BLOCK  # all true: the helpers take a mask
+    lanes = tl.arange(0, LANES)
+    used = lanes < THIRD
 
     for row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
-        words = row * ROW_CHUNKS * BLOCK + offsets
-        epoch = tl.load(control + 1 + row * ROW_CHUNKS + chunks) + 1  # [ROW_CHUNKS, 1]
-        _push(x_ptr, words, whole_row, epoch, addresses_ptr, rank, WORLD, SLOT_BYTES)
+        epoch = tl.load(control + ROW_EPOCHS + row) + 1
+        packed = _pack_thirds(*_load_thirds(x_ptr + row.to(tl.int64) * ROW, lanes, ROW, THIRD), epoch)
+        _push(packed, row * THIRD + lanes, used, epoch, addresses_ptr, rank, WORLD, REGION, SLOT_BYTES)
 
-    zeros = tl.zeros([ROW_CHUNKS, BLOCK], tl.float32)
-    weight_lo, weight_hi = _add_words(zeros, zeros, tl.load(weight_ptr + offsets), KIND)
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    weight_1, weight_2, weight_3 = _load_thirds(weight_ptr, lanes, ROW, THIRD)
     host_abort = tl.load(addresses_ptr + WORLD).to(tl.pointer_type(tl.int32))
     aborted = tl.load(control, volatile=True) != 0
     deadline = tl.extra.cuda.globaltimer() + timeout_ns
     for row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
-        words = row * ROW_CHUNKS * BLOCK + offsets
-        epoch_ptr = control + 1 + row * ROW_CHUNKS + chunks
+        epoch_ptr = control + ROW_EPOCHS + row
         epoch = tl.load(epoch_ptr) + 1
-        lo, hi, aborted = _sum_arrivals(x_ptr, words, whole_row, epoch, own, rank, aborted, host_abort, deadline,
-                                        WORLD, KIND, SLOT_BYTES)
-        lo, hi = _rounded(lo, hi, KIND)  # the all-reduce's result
+        start = row.to(tl.int64) * ROW  # the row's first element
+        sum_1 = tl.zeros([LANES], tl.float32)
+        sum_2, sum_3 = sum_1, sum_1
+        for peer in tl.static_range(WORLD):  # in rank order, so every rank gets the same bits
+            if peer == rank:
+                own_1, own_2, own_3 = _load_thirds(x_ptr + start, lanes, ROW, THIRD)
+                sum_1, sum_2, sum_3 = sum_1 + own_1.to(tl.float32), sum_2 + own_2.to(tl.float32), sum_3 + own_3.to(tl.float32)
+            else:
+                slot = _slot(own + REGION, peer, rank, epoch, SLOT_BYTES) + row * THIRD + lanes
+                words, aborted = _await(slot, used, epoch, 48, 0xFFFF, aborted, host_abort, deadline)
+                got_1, got_2, got_3 = _unpack_thirds(words, dtype)
+                sum_1, sum_2, sum_3 = sum_1 + got_1, sum_2 + got_2, sum_3 + got_3
+        sum_1, sum_2, sum_3 = _round(sum_1, dtype), _round(sum_2, dtype), _round(sum_3, dtype)  # the all-reduce's result
         if HAS_RESIDUAL:
-            lo, hi = _rounded(*_add_words(lo, hi, tl.load(residual_ptr + words), KIND), KIND)
-        tl.store(residual_out_ptr + words, _to_words(lo, hi, KIND))
-        squares = tl.sum(tl.sum(lo * lo + hi * hi, 1), 0)
-        rstd = 1.0 / tl.sqrt(squares / (2 * ROW_CHUNKS * BLOCK) + eps)
-        lo, hi = _rounded(lo * rstd, hi * rstd, KIND)
-        tl.store(out_ptr + words, _to_words(lo * weight_lo, hi * weight_hi, KIND))
+            res_1, res_2, res_3 = _load_thirds(residual_ptr + start, lanes, ROW, THIRD)
+            sum_1 = _round(sum_1 + res_1.to(tl.float32), dtype)
+            sum_2 = _round(sum_2 + res_2.to(tl.float32), dtype)
+            sum_3 = _round(sum_3 + res_3.to(tl.float32), dtype)
+        _store_thirds(residual_out_ptr + start, lanes, sum_1, sum_2, sum_3, ROW, THIRD)
+        rstd = 1.0 / tl.sqrt(tl.sum(sum_1 * sum_1 + sum_2 * sum_2 + sum_3 * sum_3, 0) / ROW + eps)
+        _store_thirds(out_ptr + start, lanes, _round(sum_1 * rstd, dtype) * weight_1.to(tl.float32),
+                      _round(sum_2 * rstd, dtype) * weight_2.to(tl.float32),
+                      _round(sum_3 * rstd, dtype) * weight_3.to(tl.float32), ROW, THIRD)
         tl.store(epoch_ptr, epoch)
     if aborted:
         tl.store(control, 1)
@@ -268,8 +341,11 @@ class PeerAllReduce:
         self.fuses_norm = os.environ.get("NANOVLLM_FUSED_NORM", "1") != "0"  # all_reduce_norm's kernel
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         self._slot_bytes = self.max_words * 8
-        self._control_bytes = 2 * (world_size - 1) * self._slot_bytes
-        control_words = 1 + self.max_words // BLOCK  # [aborted, epoch of each chunk...]
+        self._norm_region = 2 * (world_size - 1) * self._slot_bytes  # after the plain kernel's slots
+        self._control_bytes = 2 * self._norm_region
+        self._row_epochs = 1 + self.max_words // BLOCK  # [aborted, epoch of each chunk..., of each row...]
+        control_words = self._row_epochs + 2 * self.max_words // NORM_ROW_ELEMENTS[0]
+        self._norm_width: int | None = None  # all_reduce_norm's row width, fixed by its first call
         self._own = cuda_ipc.allocate(self._control_bytes + 4 * control_words)
         try:
             # Epochs start at 0 and slots hold epoch 0 on every rank before any handle is published.
@@ -310,11 +386,12 @@ class PeerAllReduce:
 
     def fits_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
         """Whether all_reduce_norm takes x [rows, hidden]: 16-bit, fits, at least FUSED_NORM_MIN_ROWS
-        rows of a power-of-two number of words that chunks divide, residual and weight alike."""
-        row_words = x.shape[-1] // 2
+        rows of NORM_ROW_ELEMENTS, residual and weight alike, and hidden that of the first call (a row's
+        epoch belongs to its place in the slots, which the width sets)."""
+        hidden = x.shape[-1]
         return (self.fuses_norm and x.dim() == 2 and x.shape[0] >= FUSED_NORM_MIN_ROWS
-                and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] % 2 == 0 and self.fits(x)
-                and row_words >= BLOCK and row_words & (row_words - 1) == 0
+                and x.dtype in (torch.bfloat16, torch.float16) and self.fits(x)
+                and NORM_ROW_ELEMENTS[0] <= hidden <= NORM_ROW_ELEMENTS[1] and hidden == (self._norm_width or hidden)
                 and weight.dtype == x.dtype and weight.is_contiguous() and weight.shape == x.shape[-1:]
                 and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
                                           and residual.is_contiguous())))
@@ -326,20 +403,21 @@ class PeerAllReduce:
         the all-reduce and the decoder's add and RMSNorm in one kernel. x must fit (see fits_norm)."""
         pdl = pdl_enabled(x.device)
         out, residual_out = torch.empty_like(x), torch.empty_like(x)
-        as_words = lambda t: t.view(torch.int32)  # noqa: E731  [..., hidden / 2]
-        row_chunks = x.shape[-1] // 2 // BLOCK
+        self._norm_width = hidden = x.shape[-1]
+        # A third of a row, rounded up to 8 elements: 16-byte aligned thirds load and store 16 bytes at a
+        # time (for sm_90a it also halves the layout conversions through shared memory).
+        third = triton.cdiv(triton.cdiv(hidden, 3), 8) * 8
         # Every program must be resident at once: a program waits for the peer's program of the same
         # id, which may only start once one of the peer's resident programs ends. Compiled for sm_90a
-        # at 8 warps (Triton 3.6, with a residual), the kernel takes 45, 80 and 164 registers at 1, 2
-        # and 4 chunks a row: two programs fit an SM up to 2 chunks, one beyond. (The plain kernel, 77 registers at 4 warps,
-        # fits six.)
-        resident = self._num_sms * (2 if row_chunks <= 2 else 1)
-        _peer_all_reduce_norm_kernel[(min(x.shape[0], MAX_GRID, resident),)](
-            as_words(x), as_words(x if residual is None else residual), as_words(weight), as_words(out),
-            as_words(residual_out), x.shape[0], self._addresses, self.rank, self.timeout_ns, eps,
-            HAS_RESIDUAL=residual is not None, WORLD=self.world_size, KIND=_KINDS[x.dtype],
-            ROW_CHUNKS=row_chunks, BLOCK=BLOCK, SLOT_BYTES=self._slot_bytes,
-            CONTROL_BYTES=self._control_bytes, PDL=pdl, num_warps=8, launch_pdl=pdl,
+        # at 8 warps (Triton 3.6), the kernel takes at most 101 registers and 16 KB of shared memory at
+        # 2,048 lanes (rows of 4,096 to 6,144 elements): two programs fit an SM. (The plain kernel, 77
+        # registers at 4 warps, fits six.)
+        _peer_all_reduce_norm_kernel[(min(x.shape[0], MAX_GRID, 2 * self._num_sms),)](
+            x, x if residual is None else residual, weight, out, residual_out, x.shape[0], self._addresses,
+            self.rank, self.timeout_ns, eps, HAS_RESIDUAL=residual is not None, WORLD=self.world_size,
+            ROW=hidden, THIRD=third, LANES=triton.next_power_of_2(third), REGION=self._norm_region,
+            SLOT_BYTES=self._slot_bytes, CONTROL_BYTES=self._control_bytes, ROW_EPOCHS=self._row_epochs,
+            PDL=pdl, num_warps=8, launch_pdl=pdl,
         )
         return out, residual_out
 

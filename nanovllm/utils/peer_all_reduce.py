@@ -58,6 +58,12 @@ BLOCK = 1024  # 4-byte words per chunk
 MAX_GRID = 256  # programs; each loops over its chunks
 BUFFER_BYTES = 16 * 2**20  # one kernel's slots in a rank's buffer: 2 epochs x (world - 1) peers x max_words x 8 bytes
 MAX_WORLD = 8
+# A waiting program reads the host's abort word once per this much waiting. Such reads seem to be served
+# one at a time: when every program read it every 256 polls, one late rank made each of its programs
+# read, which made the next all-reduce's peer late in turn, and every all-reduce of a graph took 0.3-0.65
+# ms instead of 5-25 us; reading it every 16 polls or every poll made every graph that slow or slower,
+# in proportion to the programs (calls T-U in BENCHMARKS.md).
+HOST_CHECK_NS = tl.constexpr(10_000_000)
 # all_reduce_norm's rows, in elements: a program holds a row in registers; the narrowest sets how many
 # rows (and row epochs) the largest message has.
 NORM_ROW_ELEMENTS = (1024, 6144)
@@ -79,7 +85,8 @@ def _trap():
 @triton.jit
 def _pause():
     """Sleep about 100 ns. Polling without pauses made some all-reduces take 300 us instead of 5 to 10
-    (at random sizes, in two runs of scripts/probe_all_reduce.py on 2 x H200); with them, none did."""
+    (at random sizes, in two runs of scripts/probe_all_reduce.py on 2 x H200); with them, fewer did.
+    (Most likely the host reads of HOST_CHECK_NS, which came every 256 polls then.)"""
     tl.inline_asm_elementwise("nanosleep.u32 100; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
@@ -131,16 +138,17 @@ def _push(packed, words, mask, epoch, addresses_ptr, rank, WORLD: tl.constexpr, 
 @triton.jit
 def _await(slot, mask, epoch, SHIFT: tl.constexpr, EPOCH_MASK: tl.constexpr, aborted, host_abort, deadline):
     """The words at slot (int64 pointers; masked ones excepted) once every one of them carries epoch in
-    its bits from SHIFT up (compared under EPOCH_MASK) -> (words, aborted). Waiting stops at abort();
-    past the deadline it traps."""
+    its bits from SHIFT up (compared under EPOCH_MASK) -> (words, aborted). Waiting stops at abort(),
+    which it reads every HOST_CHECK_NS of waiting; past the deadline it traps."""
     expected = epoch.to(tl.int64) & EPOCH_MASK
     words = tl.load(slot, mask=mask, other=expected << SHIFT, volatile=True)
-    spins = 0
+    check_at = tl.extra.cuda.globaltimer() + HOST_CHECK_NS
     while (tl.max(tl.reshape(((words >> SHIFT) & EPOCH_MASK) != expected, [words.numel]), 0) != 0) & ~aborted:
-        spins += 1
-        if spins % 256 == 0:
+        now = tl.extra.cuda.globaltimer()
+        if now > check_at:
             aborted = aborted | (tl.load(host_abort, volatile=True) != 0)
-            if tl.extra.cuda.globaltimer() > deadline:
+            check_at = now + HOST_CHECK_NS
+            if now > deadline:
                 _trap()
         _pause()
         words = tl.load(slot, mask=mask, other=expected << SHIFT, volatile=True)
@@ -409,8 +417,8 @@ class PeerAllReduce:
         third = triton.cdiv(triton.cdiv(hidden, 3), 8) * 8
         # Every program must be resident at once: a program waits for the peer's program of the same
         # id, which may only start once one of the peer's resident programs ends. Compiled for sm_90a
-        # at 8 warps (Triton 3.6), the kernel takes at most 101 registers and 16 KB of shared memory at
-        # 2,048 lanes (rows of 4,096 to 6,144 elements): two programs fit an SM. (The plain kernel, 77
+        # at 8 warps (Triton 3.6), the kernel takes at most 102 registers and 16 KB of shared memory at
+        # 2,048 lanes (rows of 4,096 to 6,144 elements): two programs fit an SM. (The plain kernel, 78
         # registers at 4 warps, fits six.)
         _peer_all_reduce_norm_kernel[(min(x.shape[0], MAX_GRID, 2 * self._num_sms),)](
             x, x if residual is None else residual, weight, out, residual_out, x.shape[0], self._addresses,

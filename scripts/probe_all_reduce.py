@@ -3,8 +3,10 @@ sizes tensor-parallel Qwen3 sends: one row of hidden states per sequence (bf16; 
 peer all-reduce, which leaves it to NCCL). Each is timed as a CUDA
 graph of 20 all-reduces back to back, as decode runs them; rank 0 prints microseconds per all-reduce,
 then for the all-reduce with the decoder's add and RMSNorm (all_reduce_norm) at Qwen3-8B's width.
---grids also times the peer all-reduce of 256 rows of 4096 with other caps on its programs, and the
-last line is NCCL's bus bandwidth for 64 MiB (a reading of the link between the GPUs).
+--grids also times both peer kernels on 256 rows of 4096 with other caps on their programs, and the
+last line is NCCL's bus bandwidth for 64 MiB (a reading of the link between the GPUs). --norm-only
+times all_reduce_norm alone (at --norm-rows); a probe whose every all-reduce takes hundreds of us
+is the stall that HOST_CHECK_NS's comment describes.
 
     PYTHONPATH=. python3 scripts/probe_all_reduce.py [--grids 64 132 512] [--norm-only] [--norm-rows 64 256]
 """

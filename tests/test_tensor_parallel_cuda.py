@@ -126,9 +126,11 @@ def _peer_all_reduce_rank(rank: int, port: int) -> None:
     hidden, eps = 4096, 1e-6
     weight = same_on_all(hidden, 0)
     assert not group.peer.fits_norm(both_ranks(2 * hidden, torch.bfloat16, 0).view(2, hidden), None, weight)
-    for width in (512, 8192):  # outside NORM_ROW_ELEMENTS
+    for width in (512, 8192, 4100):  # outside NORM_ROW_ELEMENTS; not a multiple of 8
         rows = both_ranks(8 * width, torch.bfloat16, 0).view(8, width)
         assert not group.peer.fits_norm(rows, None, same_on_all(width, 0))
+    unaligned = both_ranks(8 * hidden + 2, torch.bfloat16, 0)[2:].view(8, hidden)  # 4 bytes past 16-byte alignment
+    assert group.peer.fits(unaligned) and not group.peer.fits_norm(unaligned, None, weight)
     for seed, (rows, has_residual) in enumerate([(3, False), (3, True), (64, True), (257, True), (300, False)]):
         x = both_ranks(rows * hidden, torch.bfloat16, 200 + seed).view(rows, hidden)
         residual = same_on_all((rows, hidden), seed) if has_residual else None
@@ -179,21 +181,23 @@ def _peer_all_reduce_rank(rank: int, port: int) -> None:
         torch.testing.assert_close(normed, expected_normed)
         torch.testing.assert_close(after, nccl_sum(static[:8 * hidden]))
 
-    # Past 65,536 all-reduces of a row, where its 16-bit epoch wraps: still the sum, not a stale slot.
-    rows = 3
-    static_x, static_residual = static[:rows * hidden].view(rows, hidden), same_on_all((rows, hidden), 10)
+    # Past 65,536 all-reduces of a row, where its 16-bit epoch wraps: every call still the sum. The
+    # graph's calls take different inputs, so a word taken from its slot's previous epoch (two calls
+    # earlier) would show.
+    rows, calls = 3, 64
+    inputs = both_ranks(calls * rows * hidden, torch.bfloat16, 500).view(calls, rows, hidden)
+    wrap_residual = same_on_all((rows, hidden), 10)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(64):
-            normed, new_residual = group.peer.all_reduce_norm(static_x, static_residual, weight, eps)
-    for replay in range(2**16 // 64 + 3):
-        if replay % 256 == 0 or replay > 2**16 // 64:
-            static.copy_(both_ranks(static.numel(), torch.bfloat16, 500 + replay))
-            expected_normed, expected_residual = add_rms_norm(nccl_sum(static_x), static_residual, weight, eps)
+        results = [group.peer.all_reduce_norm(x, wrap_residual, weight, eps) for x in inputs]
+        normed = torch.cat([result[0] for result in results])
+        new_residual = torch.cat([result[1] for result in results])
+    expected_normed, expected_residual = add_rms_norm(nccl_sum(inputs).view(-1, hidden),
+                                                      wrap_residual.repeat(calls, 1), weight, eps)
+    for _ in range(2**16 // calls + 2):
         graph.replay()
-        if replay % 256 == 0 or replay > 2**16 // 64:
-            torch.testing.assert_close(new_residual, expected_residual)
-            torch.testing.assert_close(normed, expected_normed)
+        torch.testing.assert_close(new_residual, expected_residual)
+        torch.testing.assert_close(normed, expected_normed)
 
     # A rank that never arrives: abort() releases the waiting rank within moments.
     torch.cuda.synchronize(device)

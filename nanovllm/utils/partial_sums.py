@@ -8,8 +8,8 @@ result. The same code then runs two ways:
 
 - run_reducing: one batch, each all-reduce in turn (ParallelGroup.all_reduce: peer memory or NCCL, a
   no-op at one rank). Where the peer all-reduce takes the sum with its add and norm (fits_norm: 16-bit
-  rows of 1,024 to 6,144 elements, 3 rows or more), one kernel does all three
-  (PeerAllReduce.all_reduce_norm); otherwise the norm follows the all-reduce, in the GEMV's kernel for
+  rows of 1,024 to 6,144 elements, one width per group, 3 rows or more, up to 4 MB), one kernel does all
+  three (PeerAllReduce.all_reduce_norm); otherwise the norm follows the all-reduce, in the GEMV's kernel for
   one or two rows on CUDA (ops.norm_linear). Decode steps, and their CUDA graphs, run this way.
 - run_overlapped: a tensor-parallel prefill step split into micro-batches. Each partial sum's all-reduce
   is queued on the collective's own stream (NCCL; gloo: its own thread), and the next micro-batch

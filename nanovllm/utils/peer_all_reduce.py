@@ -12,12 +12,12 @@ IPC; NVLink between the GPUs), and one Triton kernel does the whole all-reduce:
 No flag tells a reader that a chunk has arrived, and so no memory fence orders data before a flag. (The
 kernel this one replaced waited on per-chunk flags raised with system-scope release stores; it took 5 us
 at 16 chunks but 955 us at 2 MB, for reasons never established.) Instead, as in NCCL's low-latency
-protocol, every 8-byte word a rank pushes carries 4 bytes of data (two 16-bit elements or one float32)
-and, in its upper half, the epoch of the push. An 8-byte store is seen whole or not at all, so a
+protocol, every 8-byte word a rank pushes carries data and the epoch of the push: here 4 bytes of
+data (two 16-bit elements or one float32) and, in the upper half, the epoch. An 8-byte store is seen whole or not at all, so a
 reader that sees the current epoch in a word also sees that word's data. This doubles the bytes on
 the link, and still beats NCCL up to 2 MB (17.5 against 30 us on 2 x H200; equal at 4 MB).
 
-Epochs count the all-reduces of each chunk on each rank's own device, so the kernel can be captured in
+Epochs count the all-reduces of each chunk (here) on each rank's own device, so the kernel can be captured in
 a CUDA graph and replayed. Receive buffers alternate between two slots by epoch: a rank may push epoch
 e + 1 while a slower peer still reads epoch e, but not e + 2 before that peer has read e (it waits for
 the peer's e + 1 first). Every program pushes all its chunks before it waits for any, so no program
@@ -28,15 +28,16 @@ decoder layer does next: the residual add and the RMSNorm, saving their kernel (
 It carries every decode step's large all-reduces (2 MB at batch 256), where the link's bytes set the
 time, so its words pack more: three 16-bit elements and a 16-bit epoch (that of the row, compared
 for equality, so wrapping is harmless), 1.33 bytes on the link per byte of data instead of 2. It has
-its own slots and epochs, so the two kernels may follow each other in any order.
+its own slots and epochs, so the two kernels may follow each other in any order. A row's epoch
+belongs to its place in the slots, so a group fuses rows of one width: that of its first call.
 
 A waiting kernel cannot be cancelled like a NCCL collective, so it also watches a flag in pinned host
 memory: `abort()` (a worker died) releases every waiting kernel at once, and the engine raises. A wait
 longer than COLLECTIVE_TIMEOUT (a rank that hangs without dying) traps, which ends the process's CUDA
 context with an error, as NCCL's watchdog ends a process whose collective timed out.
 
-Messages of up to max_words(world size) 4-byte words (4 MB at two ranks) take this path: each rank
-has BUFFER_BYTES of receive buffer whatever the world size, so larger worlds take smaller messages, as
+Messages of up to max_words(world size) 4-byte words (4 MB at two ranks) take this path: each
+kernel has BUFFER_BYTES of receive buffer on each rank whatever the world size, so larger worlds take smaller messages, as
 one-shot pushes world - 1 copies. Larger messages, and 16-bit ones of an odd number of elements, go
 through NCCL.
 """
@@ -86,7 +87,7 @@ def _trap():
 def _pause():
     """Sleep about 100 ns. Polling without pauses made some all-reduces take 300 us instead of 5 to 10
     (at random sizes, in two runs of scripts/probe_all_reduce.py on 2 x H200); with them, fewer did.
-    (Most likely the host reads of HOST_CHECK_NS, which came every 256 polls then.)"""
+    (Most likely the host reads that came every 256 polls then: see HOST_CHECK_NS.)"""
     tl.inline_asm_elementwise("nanosleep.u32 100; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
@@ -394,15 +395,19 @@ class PeerAllReduce:
 
     def fits_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
         """Whether all_reduce_norm takes x [rows, hidden]: 16-bit, fits, at least FUSED_NORM_MIN_ROWS
-        rows of NORM_ROW_ELEMENTS, residual and weight alike, and hidden that of the first call (a row's
-        epoch belongs to its place in the slots, which the width sets)."""
+        rows of NORM_ROW_ELEMENTS, a multiple of 8, the width of the first call (see the module's
+        docstring), residual and weight alike, all 16-byte aligned (the register counts in
+        all_reduce_norm hold for such rows)."""
         hidden = x.shape[-1]
+        tensors = (x, weight) if residual is None else (x, weight, residual)
         return (self.fuses_norm and x.dim() == 2 and x.shape[0] >= FUSED_NORM_MIN_ROWS
                 and x.dtype in (torch.bfloat16, torch.float16) and self.fits(x)
-                and NORM_ROW_ELEMENTS[0] <= hidden <= NORM_ROW_ELEMENTS[1] and hidden == (self._norm_width or hidden)
+                and NORM_ROW_ELEMENTS[0] <= hidden <= NORM_ROW_ELEMENTS[1] and hidden % 8 == 0
+                and hidden == (self._norm_width or hidden)
                 and weight.dtype == x.dtype and weight.is_contiguous() and weight.shape == x.shape[-1:]
                 and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
-                                          and residual.is_contiguous())))
+                                          and residual.is_contiguous()))
+                and all(t.data_ptr() % 16 == 0 for t in tensors))
 
     def all_reduce_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -417,8 +422,9 @@ class PeerAllReduce:
         third = triton.cdiv(triton.cdiv(hidden, 3), 8) * 8
         # Every program must be resident at once: a program waits for the peer's program of the same
         # id, which may only start once one of the peer's resident programs ends. Compiled for sm_90a
-        # at 8 warps (Triton 3.6), the kernel takes at most 102 registers and 16 KB of shared memory at
-        # 2,048 lanes (rows of 4,096 to 6,144 elements): two programs fit an SM. (The plain kernel, 78
+        # at 8 warps (Triton 3.6) for rows that fits_norm takes, the kernel takes at most 102 registers
+        # at two ranks and 111 at up to eight, and 16 KB of shared memory: two programs fit an SM. (Rows
+        # of an odd width or unaligned took 128, the whole register file for two. The plain kernel, 78
         # registers at 4 warps, fits six.)
         _peer_all_reduce_norm_kernel[(min(x.shape[0], MAX_GRID, 2 * self._num_sms),)](
             x, x if residual is None else residual, weight, out, residual_out, x.shape[0], self._addresses,

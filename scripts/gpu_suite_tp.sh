@@ -8,7 +8,8 @@
 # gpu1tests: the one-GPU engine and memory tests; bench8b: Qwen3-8B TP=1 vs TP=2, single request; profile8b:
 # rank 0's kernels per decode step of Qwen3-8B at TP=2 (PROFILE_TPS, default 2), at 1 and 256 sequences
 # (PROFILE_BATCHES; collectives included; PROFILE_TRACE=1 also saves gzipped Chrome traces under $OUT);
-# full8b: Qwen3-8B TP=1 vs TP=2, the full workload (AB_ENVS="A=1 B=2;C=3": TP=2 again under each).
+# full8b: Qwen3-8B TP=1 vs TP=2, the full workload (FULL_ROUNDS=N: both N times in turn, then each round's
+# ratio and their mean; AB_ENVS="A=1 B=2;C=3": TP=2 again under each).
 # All but dp and probe run only if the smoke run passed.
 # STACKS_EVERY_S=N: every Python process prints its stacks every N seconds, so a hang shows where (off by
 # default: faulthandler walks a running thread's frames, and one such dump crashed a TP=2 start-up with a
@@ -76,18 +77,31 @@ if [[ $parts == *" bench8b "* ]] && ((smoke_ok == 0)); then
   done
 fi
 if [[ $parts == *" full8b "* ]] && ((smoke_ok == 0)); then
-  for tp in 2 1; do
-    limited 150 "$OUT/tp${tp}_full.txt" python3 bench.py --model /tmp/qwen3-8b --tensor-parallel-size $tp
-    note "8B TP=$tp full: $(grep -E 'output tok/s|  seconds|prefill|decode|gc pause|start-up' "$OUT/tp${tp}_full.txt" | tr -s ' ' | tr '\n' ';')"
-    if [[ $tp == 2 && -n ${AB_ENVS:-} ]]; then  # the same run under each of AB_ENVS
-      IFS=';' read -ra variants <<< "$AB_ENVS"
-      for i in "${!variants[@]}"; do
-        limited 150 "$OUT/tp2_full_ab$i.txt" env ${variants[$i]} python3 bench.py --model /tmp/qwen3-8b \
-          --tensor-parallel-size 2
-        note "8B TP=2 full, ${variants[$i]}: $(grep -E 'output tok/s|  seconds|prefill|decode|gc pause' "$OUT/tp2_full_ab$i.txt" | tr -s ' ' | tr '\n' ';')"
-      done
-    fi
+  for round in $(seq "${FULL_ROUNDS:-1}"); do  # TP=2 and TP=1 in turn, so drift within the call hits both
+    for tp in 2 1; do
+      limited 150 "$OUT/tp${tp}_full_r$round.txt" python3 bench.py --model /tmp/qwen3-8b --tensor-parallel-size $tp
+      note "8B TP=$tp full, round $round: $(grep -E 'output tok/s|  seconds|prefill|decode|gc pause|start-up' "$OUT/tp${tp}_full_r$round.txt" | tr -s ' ' | tr '\n' ';')"
+      if [[ $tp == 2 && $round == 1 && -n ${AB_ENVS:-} ]]; then  # the same run under each of AB_ENVS
+        IFS=';' read -ra variants <<< "$AB_ENVS"
+        for i in "${!variants[@]}"; do
+          limited 150 "$OUT/tp2_full_ab$i.txt" env ${variants[$i]} python3 bench.py --model /tmp/qwen3-8b \
+            --tensor-parallel-size 2
+          note "8B TP=2 full, ${variants[$i]}: $(grep -E 'output tok/s|  seconds|prefill|decode|gc pause' "$OUT/tp2_full_ab$i.txt" | tr -s ' ' | tr '\n' ';')"
+        done
+      fi
+    done
   done
+  note "8B full, TP=2 / TP=1 output tok/s: $(python3 - "$OUT" "${FULL_ROUNDS:-1}" <<'PY'
+import re, sys
+out, rounds = sys.argv[1], int(sys.argv[2])
+def tok_s(tp, r):
+    found = re.findall(r"output tok/s: *([0-9.]+)", open(f"{out}/tp{tp}_full_r{r}.txt").read())
+    return float(found[-1]) if found else None
+pairs = [(tok_s(2, r), tok_s(1, r)) for r in range(1, rounds + 1)]
+ratios = [two / one for two, one in pairs if two and one]
+print(" ".join(f"{x:.3f}x" for x in ratios) + (f"; mean {sum(ratios) / len(ratios):.3f}x" if ratios else "none"))
+PY
+)"
 fi
 if [[ $parts == *" profile8b "* ]] && ((smoke_ok == 0)); then
   for tp in ${PROFILE_TPS:-2}; do

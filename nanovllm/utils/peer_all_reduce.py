@@ -423,7 +423,7 @@ class PeerAllReduce:
         # Every program must be resident at once: a program waits for the peer's program of the same
         # id, which may only start once one of the peer's resident programs ends. Compiled for sm_90a
         # at 8 warps (Triton 3.6) for rows that fits_norm takes, the kernel takes at most 102 registers
-        # at two ranks and 111 at up to eight, and 16 KB of shared memory: two programs fit an SM. (Rows
+        # at two ranks and 114 at three to eight, and 16 KB of shared memory: two programs fit an SM. (Rows
         # of an odd width or unaligned took 128, the whole register file for two. The plain kernel, 78
         # registers at 4 warps, fits six.)
         _peer_all_reduce_norm_kernel[(min(x.shape[0], MAX_GRID, 2 * self._num_sms),)](

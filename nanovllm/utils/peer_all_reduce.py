@@ -11,7 +11,7 @@ IPC; NVLink between the GPUs), and one Triton kernel does the whole all-reduce:
 
 No flag tells a reader that a chunk has arrived, and so no memory fence orders data before a flag. (The
 kernel this one replaced waited on per-chunk flags raised with system-scope release stores; it took 5 us
-at 16 chunks but 955 us at 2 MB, for reasons never established.) Instead, as in NCCL's low-latency
+at 16 chunks but 955 us at 2 MB, perhaps for the reason HOST_CHECK_NS's comment gives.) Instead, as in NCCL's low-latency
 protocol, every 8-byte word a rank pushes carries data and the epoch of the push: here 4 bytes of
 data (two 16-bit elements or one float32) and, in the upper half, the epoch. An 8-byte store is seen whole or not at all, so a
 reader that sees the current epoch in a word also sees that word's data. This doubles the bytes on

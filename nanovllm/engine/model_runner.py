@@ -218,9 +218,10 @@ class ModelRunner:
         other ranks hold one id per row of their last decode batch, as rank 0 sampled. They arrive by
         an all-reduce to which the others add zeros, in float32 (exact below MAX_PARALLEL_VOCAB): the
         peer all-reduce's kernel where it serves, not a NCCL broadcast and its host-side launch."""
-        ids = torch.zeros(len(self.decode_inputs.seq_ids), dtype=torch.float32, device=self.device)
         if self.group.rank == 0:
-            ids.copy_(self.decode_inputs.sampled)
+            ids = self.decode_inputs.sampled.float()
+        else:
+            ids = torch.zeros(len(self.decode_inputs.seq_ids), dtype=torch.float32, device=self.device)
         self.decode_inputs.sampled = self.group.all_reduce(ids).long()
 
     @torch.inference_mode()

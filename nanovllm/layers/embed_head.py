@@ -24,15 +24,14 @@ class VocabParallelEmbedding(nn.Module):
         param.data[:rows.shape[0]].copy_(rows)
         param.data[rows.shape[0]:].zero_()
 
-    def forward(self, input_ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-        """input_ids: [N] -> [N, hidden]. reduce=False: this rank's partial sum (the rows of its slice,
-        zeros elsewhere), which the caller all-reduces."""
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: [N] -> [N, hidden], this rank's partial sum (the rows of its slice, zeros elsewhere),
+        which the caller all-reduces (utils/partial_sums.py)."""
         if self.tp.world_size == 1:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.vocab_start
         mine = (local >= 0) & (local < self.shard_size)
-        y = F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * mine.unsqueeze(-1)
-        return self.tp.all_reduce(y) if reduce else y
+        return F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * mine.unsqueeze(-1)
 
 
 class ParallelLMHead(VocabParallelEmbedding):

@@ -85,15 +85,15 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split across ranks; partial products are summed with an all-reduce."""
+    """Input features split across ranks; the caller sums the partial products with an all-reduce."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
         super().__init__(divide(input_size, current_group().world_size), output_size, bias, tp_dim=1)
 
-    def forward(self, x: torch.Tensor, gated: bool = False, reduce: bool = True) -> torch.Tensor:
-        """gated: x is [gate | up] of the MLP, and the input is silu(gate) * up (ops.linear).
-        reduce=False: this rank's partial sum, which the caller all-reduces (utils/partial_sums.py)."""
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """-> this rank's partial sum, which the caller all-reduces (utils/partial_sums.py). gated: x is
+        [gate | up] of the MLP, and the input is silu(gate) * up (ops.linear)."""
         y = self.ops.linear(x, self.weight, gated)
         if self.bias is not None and self.tp.rank == 0:  # in the sum once, not once per rank
             y = y + self.bias
-        return self.tp.all_reduce(y) if reduce else y
+        return y

@@ -47,7 +47,7 @@ class Qwen3Attention(nn.Module):
         q = self.ops.qk_norm_rotate_store(positions, q, k, v, self.q_norm.weight, self.k_norm.weight,
                                           self.q_norm.eps, self.rotary_emb.cos_sin_cache, self.attn)
         o = self.attn(q)
-        return self.o_proj(o.flatten(1), reduce=False)
+        return self.o_proj(o.flatten(1))
 
 
 class Qwen3MLP(nn.Module):
@@ -77,7 +77,7 @@ class Qwen3DecoderLayer(nn.Module):
         product, or the final norm's output, and the residual)."""
         partial = self.self_attn(positions, qkv)
         gate_up, residual = yield PartialSum(partial, residual, self.post_attention_layernorm, self.mlp.gate_up_proj)
-        partial = self.mlp.down_proj(gate_up, gated=True, reduce=False)
+        partial = self.mlp.down_proj(gate_up, gated=True)
         return (yield PartialSum(partial, residual, next_norm, next_linear))
 
 
@@ -92,7 +92,7 @@ class Qwen3Model(nn.Module):
         """The forward pass as a generator of partial sums (utils/partial_sums.py): the embedding's, then
         each layer's; returns the hidden states after the final norm."""
         first = self.layers[0]
-        x, residual = yield PartialSum(self.embed_tokens(input_ids, reduce=False), None, first.input_layernorm,
+        x, residual = yield PartialSum(self.embed_tokens(input_ids), None, first.input_layernorm,
                                        first.self_attn.qkv_proj)
         for layer, following in zip(self.layers, [*self.layers[1:], None]):
             norm, linear = (self.norm, None) if following is None else \

@@ -11,17 +11,18 @@ IPC; NVLink between the GPUs), and one Triton kernel does the whole all-reduce:
 
 No flag tells a reader that a chunk has arrived, and so no memory fence orders data before a flag. (The
 kernel this one replaced waited on per-chunk flags raised with system-scope release stores; it took 5 us
-at 16 chunks but 955 us at 2 MB, perhaps for the reason HOST_CHECK_NS's comment gives.) Instead, as in NCCL's low-latency
-protocol, every 8-byte word a rank pushes carries data and the epoch of the push: here 4 bytes of
-data (two 16-bit elements or one float32) and, in the upper half, the epoch. An 8-byte store is seen whole or not at all, so a
-reader that sees the current epoch in a word also sees that word's data. This doubles the bytes on
-the link, and still beats NCCL up to 2 MB (17.5 against 30 us on 2 x H200; equal at 4 MB).
+at 16 chunks but 955 us at 2 MB, perhaps for the reason HOST_CHECK_NS's comment gives.) Instead, as in
+NCCL's low-latency protocol, every 8-byte word a rank pushes carries data and the epoch of the push:
+here 4 bytes of data (two 16-bit elements or one float32) and, in the upper half, the epoch. An 8-byte
+store is seen whole or not at all, so a reader that sees the current epoch in a word also sees that
+word's data. This doubles the bytes on the link, and still beats NCCL up to 2 MB (17.5 against 30 us on
+2 x H200; equal at 4 MB).
 
-Epochs count the all-reduces of each chunk (here) on each rank's own device, so the kernel can be captured in
-a CUDA graph and replayed. Receive buffers alternate between two slots by epoch: a rank may push epoch
-e + 1 while a slower peer still reads epoch e, but not e + 2 before that peer has read e (it waits for
-the peer's e + 1 first). Every program pushes all its chunks before it waits for any, so no program
-waits for one that is itself waiting.
+Epochs count the all-reduces of each chunk (here) on each rank's own device, so the kernel can be
+captured in a CUDA graph and replayed. Receive buffers alternate between two slots by epoch: a rank may
+push epoch e + 1 while a slower peer still reads epoch e, but not e + 2 before that peer has read e (it
+waits for the peer's e + 1 first). Every program pushes all its chunks before it waits for any, so no
+program waits for one that is itself waiting.
 
 A second kernel (all_reduce_norm) takes a program per row and, once a row is summed, also does what a
 decoder layer does next: the residual add and the RMSNorm, saving their kernel (utils/partial_sums.py).
@@ -36,10 +37,10 @@ memory: `abort()` (a worker died) releases every waiting kernel at once, and the
 longer than COLLECTIVE_TIMEOUT (a rank that hangs without dying) traps, which ends the process's CUDA
 context with an error, as NCCL's watchdog ends a process whose collective timed out.
 
-Messages of up to max_words(world size) 4-byte words (4 MB at two ranks) take this path: each
-kernel has BUFFER_BYTES of receive buffer on each rank whatever the world size, so larger worlds take smaller messages, as
-one-shot pushes world - 1 copies. Larger messages, and 16-bit ones of an odd number of elements, go
-through NCCL.
+Messages of up to max_words(world size) 4-byte words (4 MB at two ranks) take this path: each kernel
+has BUFFER_BYTES of receive buffer on each rank whatever the world size, so larger worlds take smaller
+messages, as one-shot pushes world - 1 copies. Larger messages, and 16-bit ones of an odd number of
+elements, go through NCCL.
 """
 import logging
 import os
@@ -57,7 +58,8 @@ logger = logging.getLogger(__name__)
 
 BLOCK = 1024  # 4-byte words per chunk
 MAX_GRID = 256  # programs; each loops over its chunks
-BUFFER_BYTES = 16 * 2**20  # one kernel's slots in a rank's buffer: 2 epochs x (world - 1) peers x max_words x 8 bytes
+# One kernel's slots in a rank's buffer: 2 epochs x (world - 1) peers x max_words x 8 bytes.
+BUFFER_BYTES = 16 * 2**20
 MAX_WORLD = 8
 # A waiting program reads the host's abort word once per this much waiting. Such reads seem to be served
 # one at a time: when every program read it every 256 polls, one late rank made each of its programs
@@ -302,14 +304,15 @@ def _peer_all_reduce_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, resid
         sum_2, sum_3 = sum_1, sum_1
         for peer in tl.static_range(WORLD):  # in rank order, so every rank gets the same bits
             if peer == rank:
-                own_1, own_2, own_3 = _load_thirds(x_ptr + start, lanes, ROW, THIRD)
-                sum_1, sum_2, sum_3 = sum_1 + own_1.to(tl.float32), sum_2 + own_2.to(tl.float32), sum_3 + own_3.to(tl.float32)
+                got_1, got_2, got_3 = _load_thirds(x_ptr + start, lanes, ROW, THIRD)
+                got_1, got_2, got_3 = got_1.to(tl.float32), got_2.to(tl.float32), got_3.to(tl.float32)
             else:
                 slot = _slot(own + REGION, peer, rank, epoch, SLOT_BYTES) + row * THIRD + lanes
                 words, aborted = _await(slot, used, epoch, 48, 0xFFFF, aborted, host_abort, deadline)
                 got_1, got_2, got_3 = _unpack_thirds(words, dtype)
-                sum_1, sum_2, sum_3 = sum_1 + got_1, sum_2 + got_2, sum_3 + got_3
-        sum_1, sum_2, sum_3 = _round(sum_1, dtype), _round(sum_2, dtype), _round(sum_3, dtype)  # the all-reduce's result
+            sum_1, sum_2, sum_3 = sum_1 + got_1, sum_2 + got_2, sum_3 + got_3
+        # the all-reduce's result
+        sum_1, sum_2, sum_3 = _round(sum_1, dtype), _round(sum_2, dtype), _round(sum_3, dtype)
         if HAS_RESIDUAL:
             res_1, res_2, res_3 = _load_thirds(residual_ptr + start, lanes, ROW, THIRD)
             sum_1 = _round(sum_1 + res_1.to(tl.float32), dtype)

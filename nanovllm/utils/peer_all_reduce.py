@@ -122,9 +122,13 @@ def _to_words(lo, hi, KIND: tl.constexpr):
 @triton.jit
 def _slot(address, writer, reader, epoch, SLOT_BYTES: tl.constexpr):
     """Where writer's words of this epoch land in reader's slots (at `address`, as mapped here): one slot
-    per other rank and epoch parity."""
+    per other rank and epoch parity. Slots are 16-byte aligned (buffers are, and SLOT_BYTES and the
+    regions are multiples of 8 KB), which the hint tells the compiler: all_reduce_norm's pushes and polls,
+    whose rows start at multiples of 8 words, then move two words per instruction (16-byte stores and
+    volatile loads), about 10% faster than 8-byte ones (call W in BENCHMARKS.md). Each 8-byte word is
+    still seen whole or not at all, which is all the epochs need."""
     index = tl.where(writer < reader, writer, writer - 1) * 2 + (epoch & 1)
-    return (address + index.to(tl.int64) * SLOT_BYTES).to(tl.pointer_type(tl.int64))
+    return tl.multiple_of((address + index.to(tl.int64) * SLOT_BYTES).to(tl.pointer_type(tl.int64)), 16)
 
 
 @triton.jit
@@ -425,8 +429,8 @@ class PeerAllReduce:
         third = triton.cdiv(triton.cdiv(hidden, 3), 8) * 8
         # Every program must be resident at once: a program waits for the peer's program of the same
         # id, which may only start once one of the peer's resident programs ends. Compiled for sm_90a
-        # at 8 warps (Triton 3.6) for rows that fits_norm takes, the kernel takes at most 102 registers
-        # at two ranks and 114 at three to eight, and 16 KB of shared memory: two programs fit an SM. (Rows
+        # at 8 warps (Triton 3.6) for rows that fits_norm takes, the kernel takes at most 105 registers
+        # at two ranks and 116 at three to eight, and 16 KB of shared memory: two programs fit an SM. (Rows
         # of an odd width or unaligned took 128, the whole register file for two. The plain kernel, 78
         # registers at 4 warps, fits six.)
         _peer_all_reduce_norm_kernel[(min(x.shape[0], MAX_GRID, 2 * self._num_sms),)](

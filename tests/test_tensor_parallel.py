@@ -250,6 +250,20 @@ def test_two_engines_at_once_with_chunked_prefill_and_preemption(tiny_model, tp_
     assert greedy_tokens(tp_llm, prompts) == reference
 
 
+def test_kv_cache_is_what_the_smallest_rank_can_hold(tiny_model, prompts_and_reference, tmp_path, monkeypatch):
+    prompts, reference = prompts_and_reference
+    # The worker is a spawned interpreter, so a sitecustomize on its PYTHONPATH runs in it alone: there
+    # host memory fits 40 blocks, while rank 0 (this process) fits every sequence's 16 x 32 = 512.
+    (tmp_path / "sitecustomize.py").write_text(
+        "from nanovllm.engine import kv_cache\n"
+        "kv_cache.blocks_that_fit_host = lambda config, bytes_per_block, weight_bytes: 40\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    with LLM(tiny_model, **(TP2 | {"num_kvcache_blocks": -1})) as llm:
+        assert llm.block_manager.num_blocks == 40
+        assert llm.model_runner.kv_cache.shape[2] == 40  # rank 0 allocated no more than the worker
+        assert greedy_tokens(llm, prompts) == reference
+
+
 def test_killed_worker_raises_within_seconds(tiny_model, prompts_and_reference, monkeypatch):
     # Also an engine that follows another: the test above dropped its second engine.
     prompts, reference = prompts_and_reference

@@ -46,6 +46,12 @@ def idle_gaps(kernels: list[tuple[float, float, str]]) -> dict[tuple[str, str], 
     return gaps
 
 
+def is_kernel(device_type, name: str) -> bool:
+    """Whether a profiler event is GPU work: the profiler's step annotations show on the GPU too,
+    spanning each step's kernels (counted as kernels, they doubled call Z's kernel time)."""
+    return device_type == torch.autograd.DeviceType.CUDA and not name.startswith("ProfilerStep")
+
+
 def save_trace(prof, path: str) -> None:
     with tempfile.NamedTemporaryFile(suffix=".json") as raw:
         prof.export_chrome_trace(raw.name)
@@ -100,16 +106,21 @@ def main():
         print(f"\n== batch {batch}: rank 0's host waited for tokens {sum(waited) * 1e3 / args.wall_steps:.3f} "
               f"ms/step, was busy {wall_ms - sum(waited) * 1e3 / args.wall_steps:.3f} ms/step")
         # One warm-up step, profiled and dropped: the profiler's start-up holds up the host there, which
-        # shows as gaps before every kernel of that step (0.93 ms at 64 rows of Qwen3-8B, TP=2).
+        # shows as gaps before every kernel of that step (0.93 ms at 64 rows of Qwen3-8B, TP=2). The GPU
+        # is drained at both edges of the active steps: a step runs after the call that launched it
+        # returns, so without that the warm-up's kernels counted among the active ones (39-42 launches
+        # per step of a 36-layer model's kernels, call Z in BENCHMARKS.md), and the last step's could
+        # end after the profiler stopped.
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU],
                      schedule=schedule(wait=0, warmup=1, active=args.steps, repeat=1)) as prof:
-            for _ in range(1 + args.steps):
+            for step in range(1 + args.steps):
                 llm.step()
+                if step in (0, args.steps):
+                    torch.cuda.synchronize()
                 prof.step()
-            torch.cuda.synchronize()
         if args.trace:
             save_trace(prof, os.path.join(args.trace, f"trace_tp{args.tensor_parallel_size}_batch{batch}.json.gz"))
-        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        events = [e for e in prof.key_averages() if is_kernel(e.device_type, e.key)]
         total = sum(e.self_device_time_total for e in events) / args.steps
         launches = sum(e.count for e in events) / args.steps
         print(f"\n== batch {batch}, context {args.context}: wall {wall_ms:.3f} ms/step, GPU kernel time "
@@ -117,7 +128,7 @@ def main():
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.top]:
             print(f"{e.self_device_time_total / args.steps / 1e3:8.3f} ms {e.count // args.steps:5d}x  {e.key[:90]}")
         kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA]
+                   if is_kernel(e.device_type, e.name)]
         gaps = idle_gaps(kernels)
         print(f"   no kernel running: {sum(map(sum, gaps.values())) / args.steps / 1e3:.3f} ms/step; the longest, "
               f"after -> before:")

@@ -236,20 +236,6 @@ def test_ctrl_c_during_a_step_leaves_engine_usable(tp_llm, prompts_and_reference
     assert greedy_tokens(tp_llm, prompts) == reference
 
 
-def test_two_engines_at_once_with_chunked_prefill_and_preemption(tiny_model, tp_llm, prompts_and_reference):
-    prompts, reference = prompts_and_reference
-    # 6 blocks of 16 tokens hold one long sequence (up to 72 tokens): the rest are preempted and recomputed.
-    constrained = LLM(tiny_model, **(TP2 | {"max_num_batched_tokens": 7, "num_kvcache_blocks": 6}))
-    assert constrained.workers.channel.shm.name != tp_llm.workers.channel.shm.name
-    assert greedy_tokens(constrained, prompts) == reference
-    assert constrained.scheduler.num_preemptions > 0
-    assert greedy_tokens(tp_llm, prompts) == reference
-    pids = worker_pids(constrained)
-    del constrained  # dropping the last reference shuts its workers down, not the other engine's
-    assert not any(is_running(pid) for pid in pids)
-    assert greedy_tokens(tp_llm, prompts) == reference
-
-
 def test_kv_cache_is_what_the_smallest_rank_can_hold(tiny_model, prompts_and_reference, tmp_path, monkeypatch):
     prompts, reference = prompts_and_reference
     # The worker is a spawned interpreter, so a sitecustomize on its PYTHONPATH runs in it alone: there
@@ -262,6 +248,20 @@ def test_kv_cache_is_what_the_smallest_rank_can_hold(tiny_model, prompts_and_ref
         assert llm.block_manager.num_blocks == 40
         assert llm.model_runner.kv_cache.shape[2] == 40  # rank 0 allocated no more than the worker
         assert greedy_tokens(llm, prompts) == reference
+
+
+def test_two_engines_at_once_with_chunked_prefill_and_preemption(tiny_model, tp_llm, prompts_and_reference):
+    prompts, reference = prompts_and_reference
+    # 6 blocks of 16 tokens hold one long sequence (up to 72 tokens): the rest are preempted and recomputed.
+    constrained = LLM(tiny_model, **(TP2 | {"max_num_batched_tokens": 7, "num_kvcache_blocks": 6}))
+    assert constrained.workers.channel.shm.name != tp_llm.workers.channel.shm.name
+    assert greedy_tokens(constrained, prompts) == reference
+    assert constrained.scheduler.num_preemptions > 0
+    assert greedy_tokens(tp_llm, prompts) == reference
+    pids = worker_pids(constrained)
+    del constrained  # dropping the last reference shuts its workers down, not the other engine's
+    assert not any(is_running(pid) for pid in pids)
+    assert greedy_tokens(tp_llm, prompts) == reference
 
 
 def test_killed_worker_raises_within_seconds(tiny_model, prompts_and_reference, monkeypatch):

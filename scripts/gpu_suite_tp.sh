@@ -22,6 +22,11 @@ BUDGET=${BUDGET:-570}
 parts=" ${*:-dp smoke tests gpu1tests bench8b full8b} "
 summary=()
 note() { summary+=("$1"); echo "== $1 (t=${SECONDS}s)"; }
+# bench_numbers LOG: bench.py's result rows on one line (not the engine's log lines that mention prefill or decode).
+bench_numbers() {
+  grep -E '^ +(seconds|output tok/s|(prefill|decode|gc pause|start-up) seconds|ms per output token): ' "$1" \
+    | tr -s ' ' | tr '\n' ';'
+}
 # limited LIMIT LOG CMD...: run CMD with a timeout of min(LIMIT, what the budget has left), or skip it.
 limited() {
   local limit=$1 log=$2; shift 2
@@ -73,20 +78,20 @@ if [[ $parts == *" bench8b "* ]] && ((smoke_ok == 0)); then
   for tp in 2 1; do
     limited 120 "$OUT/tp${tp}_single.txt" python3 bench.py --model /tmp/qwen3-8b --tensor-parallel-size $tp \
       --num-seqs 1 --input-len 128 --output-len 512
-    note "8B TP=$tp single: $(grep -E 'output tok/s|per output token|start-up' "$OUT/tp${tp}_single.txt" | tr -s ' ' | tr '\n' ';')"
+    note "8B TP=$tp single: $(bench_numbers "$OUT/tp${tp}_single.txt")"
   done
 fi
 if [[ $parts == *" full8b "* ]] && ((smoke_ok == 0)); then
   for round in $(seq "${FULL_ROUNDS:-1}"); do  # TP=2 and TP=1 in turn, so drift within the call hits both
     for tp in 2 1; do
       limited 150 "$OUT/tp${tp}_full_r$round.txt" python3 bench.py --model /tmp/qwen3-8b --tensor-parallel-size $tp
-      note "8B TP=$tp full, round $round: $(grep -E 'output tok/s|  seconds|prefill|decode|gc pause|start-up' "$OUT/tp${tp}_full_r$round.txt" | tr -s ' ' | tr '\n' ';')"
+      note "8B TP=$tp full, round $round: $(bench_numbers "$OUT/tp${tp}_full_r$round.txt")"
       if [[ $tp == 2 && $round == 1 && -n ${AB_ENVS:-} ]]; then  # the same run under each of AB_ENVS
         IFS=';' read -ra variants <<< "$AB_ENVS"
         for i in "${!variants[@]}"; do
           limited 150 "$OUT/tp2_full_ab$i.txt" env ${variants[$i]} python3 bench.py --model /tmp/qwen3-8b \
             --tensor-parallel-size 2
-          note "8B TP=2 full, ${variants[$i]}: $(grep -E 'output tok/s|  seconds|prefill|decode|gc pause' "$OUT/tp2_full_ab$i.txt" | tr -s ' ' | tr '\n' ';')"
+          note "8B TP=2 full, ${variants[$i]}: $(bench_numbers "$OUT/tp2_full_ab$i.txt")"
         done
       fi
     done
